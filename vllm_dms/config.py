@@ -1,0 +1,187 @@
+"""DMSConfig: the one validated description of a DMS checkpoint plus the engine knobs we honour.
+
+Built once from the checkpoint directory (config.json ``dms_*`` keys as NVIDIA ships them, or a
+FastDMS-style ``dms_metadata.json``) and passed explicitly everywhere else. Nothing here has a
+silent default: a missing or contradictory field raises :class:`DMSConfigError` naming it.
+
+Decision-shift rule (``decision_shift``): an explicit ``dms_decision_shift`` (config.json) or
+``decision_shift`` (dms_metadata.json) wins. Otherwise NVIDIA-style config.json fields imply 1
+(the decision computed at token t flags token t-1) and a ``dms_metadata.json`` implies 0 (each
+token flags itself), matching how each family of checkpoints was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+# The four fields NVIDIA's checkpoints carry; all four must be present together.
+NVIDIA_KEYS = ("dms_window_size", "dms_alpha_scale", "dms_initial_alpha_offset", "dms_cr")
+# FastDMS metadata keys (dms_metadata.json, optionally nested under "config").
+FASTDMS_KEYS = ("window_size", "alpha_scale", "alpha_offset", "target_cr")
+SUPPORTED_ARCHS = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                   "DMSLlamaForCausalLM": "llama", "DMSQwen3ForCausalLM": "qwen3"}
+METADATA_FILE = "dms_metadata.json"
+
+
+class DMSConfigError(ValueError):
+    """A checkpoint or engine argument that DMS cannot serve; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSConfig:
+    arch: str                 # "llama" | "qwen3"
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    window: int               # W: a flagged token stays visible to W+1 queries (itself + W)
+    alpha_scale: float
+    alpha_offset: float
+    decision_shift: int       # 1: decision at t flags t-1 (NVIDIA); 0: a token flags itself
+    target_cr: float | None   # documentation only (training target)
+    source: str               # where the DMS fields came from
+    zero_lane_after_rope: bool = True  # NVIDIA zeroes the borrowed lane before and after RoPE
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def threshold(self) -> float:
+        """Evict iff fp32(q_lane) > threshold (equivalent to scale*q - offset > 0, scale > 0)."""
+        return self.alpha_offset / self.alpha_scale
+
+    def decisions_from_lane(self, lane: "Any") -> "Any":
+        """Exact decision from the raw borrowed-lane values (any tensor), compared in fp32."""
+        return lane.float() * self.alpha_scale - self.alpha_offset > 0
+
+    def summary(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(group=self.group, threshold=self.threshold)
+        return d
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, model_dir: str, hf_overrides: dict | None = None) -> "DMSConfig":
+        cfg_path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise DMSConfigError(f"{model_dir}: no config.json")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        if hf_overrides:
+            hf.update(hf_overrides)
+        meta = None
+        meta_path = os.path.join(model_dir, METADATA_FILE)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            meta = meta.get("config", meta)
+        return cls.from_dicts(hf, meta, where=model_dir)
+
+    @classmethod
+    def from_dicts(cls, hf: dict, meta: dict | None = None, where: str = "<config>") -> "DMSConfig":
+        _reject_unsupported_variants(hf, meta, where)
+        shape = _shape_fields(hf, where)
+        nv = [k for k in NVIDIA_KEYS if k in hf]
+        if meta is not None:
+            fields, source, shift = _from_fastdms(meta, where), f"{where}/{METADATA_FILE}", 0
+            explicit = meta.get("decision_shift", hf.get("dms_decision_shift"))
+        elif nv:
+            missing = [k for k in NVIDIA_KEYS if k not in hf]
+            if missing:
+                raise DMSConfigError(
+                    f"{where}: partial DMS fields in config.json; missing {missing} "
+                    f"(have {nv}; all of {list(NVIDIA_KEYS)} are required)")
+            fields = dict(window=hf["dms_window_size"], alpha_scale=hf["dms_alpha_scale"],
+                          alpha_offset=hf["dms_initial_alpha_offset"], target_cr=hf["dms_cr"])
+            source, shift, explicit = f"{where}/config.json", 1, hf.get("dms_decision_shift")
+        else:
+            raise DMSConfigError(
+                f"{where}: not a DMS checkpoint: config.json has none of {list(NVIDIA_KEYS)} "
+                f"and there is no {METADATA_FILE} (needs {list(FASTDMS_KEYS)})")
+        if explicit is not None:
+            if explicit not in (0, 1) or isinstance(explicit, bool):
+                raise DMSConfigError(f"{where}: dms_decision_shift must be 0 or 1, got {explicit!r}")
+            shift = int(explicit)
+        window, scale, offset = fields["window"], fields["alpha_scale"], fields["alpha_offset"]
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise DMSConfigError(f"{where}: dms_window_size must be an integer >= 1, got {window!r}")
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            raise DMSConfigError(f"{where}: dms_alpha_scale must be > 0, got {scale!r}")
+        if not isinstance(offset, (int, float)):
+            raise DMSConfigError(f"{where}: dms_initial_alpha_offset must be a number, got {offset!r}")
+        cr = fields["target_cr"]
+        if cr is not None and (not isinstance(cr, (int, float)) or cr < 1):
+            raise DMSConfigError(f"{where}: dms_cr must be a number >= 1, got {cr!r}")
+        return cls(window=window, alpha_scale=float(scale), alpha_offset=float(offset),
+                   decision_shift=shift, target_cr=None if cr is None else float(cr),
+                   source=source, **shape)
+
+
+def has_dms_fields(model_dir: str) -> bool:
+    """True if the checkpoint carries any DMS field (complete or not)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (any(k.startswith("dms_") for k in hf)
+            or os.path.isfile(os.path.join(model_dir, METADATA_FILE)))
+
+
+def _reject_unsupported_variants(hf: dict, meta: dict | None, where: str) -> None:
+    src = dict(hf, **(meta or {}))
+    if src.get("dms_separate_alpha") or src.get("separate_alpha"):
+        raise DMSConfigError(
+            f"{where}: dms_separate_alpha: true (a separate alpha adapter, NVIDIA variant B) is not "
+            "supported; vllm_dms serves the borrowed-query-lane variant (dms_separate_alpha: false)")
+    per = src.get("dms_alpha_per", src.get("alpha_per", "head"))
+    if per != "head":
+        raise DMSConfigError(
+            f"{where}: dms_alpha_per: {per!r} is not supported; only per-head decisions "
+            "(dms_alpha_per: \"head\") are served")
+    if src.get("dms_disable_eviction"):
+        raise DMSConfigError(
+            f"{where}: dms_disable_eviction: true; serve this checkpoint with --kv-cache-dtype auto "
+            "(no-evict mode) instead of dms_fp8")
+
+
+def _shape_fields(hf: dict, where: str) -> dict:
+    archs = hf.get("architectures") or []
+    arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
+    if arch is None:
+        raise DMSConfigError(
+            f"{where}: architectures={archs!r} is not supported by DMS; "
+            f"supported: {sorted(set(SUPPORTED_ARCHS))}")
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        if key not in hf:
+            raise DMSConfigError(f"{where}: config.json lacks {key}")
+    nq = hf["num_attention_heads"]
+    nkv = hf.get("num_key_value_heads", nq)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // nq
+    if nq % nkv:
+        raise DMSConfigError(f"{where}: num_attention_heads={nq} is not a multiple of "
+                             f"num_key_value_heads={nkv}")
+    if head_dim % 2 or head_dim < 16 or head_dim > 256:
+        raise DMSConfigError(f"{where}: head_dim={head_dim} unsupported (need even, 16..256)")
+    if nq // nkv > 16:
+        raise DMSConfigError(f"{where}: GQA group {nq // nkv} > 16 is not supported")
+    if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "llama"):
+        raise DMSConfigError(f"{where}: sliding_window attention layers are not supported with DMS")
+    return dict(arch=arch, num_layers=hf["num_hidden_layers"], num_q_heads=nq,
+                num_kv_heads=nkv, head_dim=head_dim)
+
+
+def _from_fastdms(meta: dict, where: str) -> dict:
+    def pick(*names):
+        for n in names:
+            if n in meta:
+                return meta[n]
+        raise DMSConfigError(f"{where}/{METADATA_FILE}: missing {names[0]} "
+                             f"(also accepted: {list(names[1:])})")
+    return dict(window=pick("window_size", "dms_window_size"),
+                alpha_scale=pick("alpha_scale", "dms_alpha_scale"),
+                alpha_offset=pick("alpha_offset", "dms_alpha_offset", "dms_initial_alpha_offset"),
+                target_cr=meta.get("target_cr", meta.get("dms_cr")))
