@@ -1,0 +1,179 @@
+"""Side-by-side decode/prefill benchmark: vLLM BF16, vLLM FP8, TurboQuant and dms_fp8, one run.
+
+Each engine runs in its own process on the same checkpoint (a calibrated synthetic DMS
+checkpoint, dummy weights) and the same real-text prompts (Project Gutenberg, wrapped to ctx
+tokens, a different offset per request). Dense pools are exact-sized (kv_cache_memory_bytes =
+c_max requests of ctx+gen tokens); dms_fp8 gets the FP8 pool's bytes. Timing follows the vLLM
+protocol used by FastDMS: after a warm-up, prefill tok/s = c*ctx / T(1 token) and decode tok/s =
+c*(gen-1) / (T(gen) - T(1)), best of 2.
+
+    python benchmarks/bench_speed.py --model DIR --name qwen3-8b --out-dir results/ [--conc 1 8 32]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "vllm-tq4": "turboquant_4bit_nc",
+           "dms_fp8": "dms_fp8"}
+
+
+def prompts_for(model_dir: str, ctx: int, n: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from vllm_dms.texts import gutenberg_text
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(gutenberg_text("lcet10.txt") + gutenberg_text("alice29.txt"))["input_ids"]
+    out = []
+    for i in range(n):
+        start = (i * 7919) % len(ids)
+        seq = (ids[start:] + ids)[: ctx]
+        out.append(seq)
+    return out
+
+
+def worker(a) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+    kv = ENGINES[a.engine]
+    cfg = json.load(open(os.path.join(a.model, "config.json")))
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_tok = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd
+    maxc = max(a.conc)
+    tokens = math.ceil((a.ctx + a.gen) / 16) * 16 * maxc
+    pool = tokens * per_tok * (2 if kv == "auto" else 1)
+    extra = {}
+    if kv == "dms_fp8":
+        extra = dict(block_size=64, max_num_seqs=maxc)
+        pool = int(pool * 1.10)  # FP8 bytes + the arena's meta words and state region
+    llm = LLM(model=a.model, load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv,
+              max_model_len=a.ctx + a.gen, kv_cache_memory_bytes=pool, max_num_seqs=maxc,
+              max_num_batched_tokens=a.ctx + a.gen, gpu_memory_utilization=0.85,
+              enable_prefix_caching=False, seed=0, **extra)
+    all_prompts = prompts_for(a.model, a.ctx, maxc * 3)
+
+    last_bytes = {}
+
+    def run(c, gen, k):
+        ps = [{"prompt_token_ids": p} for p in all_prompts[k * maxc: k * maxc + c]]
+        sp = SamplingParams(max_tokens=gen, min_tokens=gen, ignore_eos=True, temperature=0.0,
+                            detokenize=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = llm.generate(ps, sp, use_tqdm=False)
+        torch.cuda.synchronize()
+        assert all(len(o.outputs[0].token_ids) == gen for o in out)
+        dt = time.perf_counter() - t
+        if kv == "dms_fp8":
+            last_bytes[c] = dms_bytes_per_seq(c)
+        return dt
+
+    for c in a.conc:
+        run(c, 4, 0)  # warm-up
+        t1 = min(run(c, 1, k) for k in (1, 2))
+        tn = min(run(c, a.gen, k) for k in (1, 2))
+        row = dict(engine=a.engine, kv_cache_dtype=kv, c=c, ctx=a.ctx, gen=a.gen,
+                   prefill_tok_s=c * a.ctx / t1, decode_tok_s=c * (a.gen - 1) / (tn - t1),
+                   t1_s=t1, tgen_s=tn, pool_bytes=pool,
+                   cuda_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   kv_bytes_per_seq=(per_tok * (2 if kv == "auto" else 1) * (a.ctx + a.gen)
+                                     if kv != "dms_fp8" else last_bytes[c]))
+        print("ROW " + json.dumps(row), flush=True)
+
+
+def dms_bytes_per_seq(c: int) -> float:
+    """Arena bytes the just-finished requests hold (their rows are released at the next step)."""
+    from vllm_dms.channel import CHANNEL
+    from vllm_dms.runtime import get_runtime
+    rt = get_runtime()
+    slots = CHANNEL.release[-c:]
+    return sum(rt.slot_bytes(s) for s in slots) / len(slots)
+
+
+def driver(a) -> None:
+    rows = []
+    for eng in a.engines:
+        cmd = [sys.executable, __file__, "--worker", "--engine", eng, "--model", a.model,
+               "--ctx", str(a.ctx), "--gen", str(a.gen), "--conc", *map(str, a.conc)]
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        t0 = time.time()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
+        if p.returncode != 0 or not got:
+            tail = (p.stderr or "")[-1500:]
+            print(f"[{eng}] FAILED rc={p.returncode} in {time.time() - t0:.0f}s\n{tail}", flush=True)
+            rows.append(dict(engine=eng, error=tail[-400:]))
+        for r in got:
+            print(f"[{eng}] c={r['c']} prefill {r['prefill_tok_s']:.0f} tok/s decode "
+                  f"{r['decode_tok_s']:.1f} tok/s peak {r['cuda_peak_gib']:.2f} GiB", flush=True)
+        rows += got
+    base = {r["c"]: r for r in rows if r.get("engine") == "vllm-bf16" and "c" in r}
+    fp8 = {r["c"]: r for r in rows if r.get("engine") == "vllm-fp8" and "c" in r}
+    for r in rows:
+        if "c" in r and r["c"] in base:
+            r["decode_x_bf16"] = r["decode_tok_s"] / base[r["c"]]["decode_tok_s"]
+            r["prefill_x_bf16"] = r["prefill_tok_s"] / base[r["c"]]["prefill_tok_s"]
+        if "c" in r and r["c"] in fp8:
+            r["decode_x_fp8"] = r["decode_tok_s"] / fp8[r["c"]]["decode_tok_s"]
+    meta = dict(model=a.name, commit=os.environ.get("VLLM_DMS_COMMIT", "unknown"),
+                date=datetime.date.today().isoformat(), device=_device(), vllm_version=_vllm())
+    for r in rows:
+        r.update(meta)
+    os.makedirs(a.out_dir, exist_ok=True)
+    stem = os.path.join(a.out_dir, f"speed-{a.name}-{meta['date']}")
+    json.dump(rows, open(stem + ".json", "w"), indent=1)
+    open(stem + ".md", "w").write(markdown(rows, meta))
+    print(open(stem + ".md").read())
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"# Speed, {meta['model']} ({meta['device']}, vLLM {meta['vllm_version']}, "
+             f"commit {meta['commit']}, {meta['date']})", "",
+             "| engine | c | prefill tok/s | decode tok/s | decode x BF16 | decode x FP8 | "
+             "prefill x BF16 | KV bytes/seq | CUDA peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "c" not in r:
+            lines.append(f"| {r['engine']} | - | failed | | | | | | |")
+            continue
+        f = lambda k, fmt="{:.2f}": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['engine']} | {r['c']} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.1f} | {f('decode_x_bf16')} | {f('decode_x_fp8')} | "
+                     f"{f('prefill_x_bf16')} | {f('kv_bytes_per_seq', '{:.0f}')} | "
+                     f"{r['cuda_peak_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _device() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _vllm() -> str:
+    import vllm
+    return vllm.__version__
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", default="model")
+    ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--conc", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES))
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--engine")
+    a = ap.parse_args()
+    worker(a) if a.worker else driver(a)
+
+
+if __name__ == "__main__":
+    main()

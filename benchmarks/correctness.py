@@ -1,0 +1,170 @@
+"""Exact-generation check on a GPU: vLLM + dms_fp8 against the dense DMS reference.
+
+For each prompt: greedy-generate with ``vllm.LLM(..., kv_cache_dtype="dms_fp8")`` (one request at
+a time, engine in-process), read the request's arena rows before they are released, and compare
+with ``vllm_dms.reference.reference_forward`` on the same tokens (teacher-forced, K/V through
+FP8): greedy tokens, flags (recovered from the arena), live counts per (layer, head), and the
+log-probabilities vLLM returned. Writes one JSON row per model.
+
+    python benchmarks/correctness.py --model DIR --name smollm2-135m-dms --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # arena state readable in-process
+
+import torch  # noqa: E402
+
+PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "prompts.json")
+
+
+def arena_rows(layout, kv_layers, slot):
+    """(live [L, H], pages [L, H], flags by position {(l, h): {pos: flag}}) for one slot."""
+    from vllm_dms.kernels.arena_ops import arena_state
+    live, pages, metas = [], [], []
+    for kv in kv_layers:
+        st = arena_state(kv.view(-1), layout)
+        live.append(st.row_len[slot].cpu())
+        pages.append(st.row_npages[slot].cpu())
+        metas.append(read_row_meta(st, layout, slot))
+    return torch.stack(live), torch.stack(pages), metas
+
+
+def read_row_meta(st, layout, slot):
+    """Per head: tensor of meta words of the row's live slots (position | flag << 31)."""
+    P, out = layout.block_size, []
+    words = st.data.view(torch.int32)
+    for h in range(layout.num_kv_heads):
+        n = int(st.row_len[slot, h])
+        pages = st.row_pages[slot, h, : -(-n // P)].long()
+        base = (pages * layout.subpage_bytes + 2 * P * layout.head_dim * layout.elem_bytes) // 4
+        idx = (base.view(-1, 1) + torch.arange(P, device=base.device).view(1, -1)).view(-1)[:n]
+        out.append(words[idx].cpu())
+    return out
+
+
+def flags_from_meta(metas, n_tokens, window):
+    """Recover f[k] for k < n_tokens - 1 - window (older than the window): present <=> unflagged."""
+    L, H = len(metas), len(metas[0])
+    cutoff = n_tokens - 1 - window
+    flags = torch.ones(L, max(cutoff, 0), H, dtype=torch.bool)
+    for l in range(L):
+        for h in range(H):
+            pos = metas[l][h] & 0x7FFFFFFF
+            old = pos[pos < cutoff].long()
+            flags[l, old, h] = False
+    return flags
+
+
+def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from vllm_dms.channel import CHANNEL
+    from vllm_dms.config import DMSConfig
+    from vllm_dms.reference import reference_forward
+    from vllm_dms.runtime import get_runtime
+
+    dms = DMSConfig.from_checkpoint(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = json.load(open(PROMPT_FILE))["prompts"][:max_prompts]
+    llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, max_num_seqs=8,
+              gpu_memory_utilization=0.35, enforce_eager=eager, seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    sp = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)
+    rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0)
+    per_prompt = []
+    for text in prompts:
+        ids = tok(text)["input_ids"]
+        out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0].outputs[0]
+        rt = get_runtime()
+        slot = CHANNEL.release[-1]
+        kv_layers = [kv for kv in _kv_layers(llm)]
+        live, pages, metas = arena_rows(rt.layout, kv_layers, slot)
+        seq = ids + list(out.token_ids)
+        with torch.no_grad():
+            ref = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"), kv_fp8=True)
+        P = len(ids)
+        ref_tok = ref.logits[P - 1:].argmax(-1).cpu()
+        gen = torch.tensor(out.token_ids)
+        first_div = int((ref_tok != gen).nonzero()[0]) if bool((ref_tok != gen).any()) else steps
+        rows["match"] += int((ref_tok == gen).sum()); rows["total"] += steps
+        n_arena = len(seq) - 1
+        ref_live = ref.live[:, n_arena - 1].cpu()
+        rows["live_eq"] += int((ref_live == live).sum()); rows["live_n"] += live.numel()
+        fl = flags_from_meta(metas, n_arena, dms.window)
+        ref_fl = ref.flags[:, : fl.shape[1]].cpu()
+        rows["dec_eq"] += int((ref_fl == fl).sum()); rows["dec_n"] += fl.numel()
+        logp = torch.log_softmax(ref.logits[P - 1:].float(), -1).cpu()
+        for t, lp in enumerate(out.logprobs[:first_div]):
+            for tid, v in lp.items():
+                rows["lp_diff"] = max(rows["lp_diff"], abs(v.logprob - float(logp[t, tid])))
+        bytes_dms = int(pages.sum()) * rt.layout.subpage_bytes
+        bytes_bf16 = n_arena * dms.num_layers * dms.num_kv_heads * dms.head_dim * 2 * 2
+        per_prompt.append(dict(prompt_tokens=P, first_divergence=first_div,
+                               live_mean=float(live.float().mean()), kv_bytes_dms=bytes_dms,
+                               kv_bytes_bf16=bytes_bf16))
+        print(f"{name}: prompt {P} tok, first divergence {first_div}/{steps}, live mean "
+              f"{live.float().mean():.1f} of {n_arena}, live==ref {bool((ref_live == live).all())}",
+              flush=True)
+    return dict(model=name, prompts=len(prompts), steps=steps,
+                greedy_token_match=rows["match"] / rows["total"],
+                decision_match=rows["dec_eq"] / max(rows["dec_n"], 1),
+                live_count_match=rows["live_eq"] / rows["live_n"],
+                max_abs_logit_diff=rows["lp_diff"],
+                max_abs_logit_diff_note="max |logprob(vLLM) - logprob(reference)| over the top-5 "
+                                        "returned per step, up to the first greedy divergence",
+                kv_bytes_per_seq_dms=sum(p["kv_bytes_dms"] for p in per_prompt) // len(per_prompt),
+                kv_bytes_per_seq_bf16=sum(p["kv_bytes_bf16"] for p in per_prompt) // len(per_prompt),
+                per_prompt=per_prompt, cuda_graphs=not eager)
+
+
+def _kv_layers(llm):
+    from vllm.config import get_layers_from_vllm_config  # noqa: F401
+    eng = llm.llm_engine.engine_core.engine_core
+    runner = eng.model_executor.driver_worker.worker.model_runner
+    ctx = runner.vllm_config.compilation_config.static_forward_context
+    rt_names = sorted(ctx, key=lambda n: int(n.split(".layers.")[1].split(".")[0]))
+    return [ctx[n].kv_cache for n in rt_names if hasattr(ctx[n], "kv_cache")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs)
+    row.update(commit=_commit(), date=datetime.date.today().isoformat(),
+               device=torch.cuda.get_device_name(), vllm_version=_vllm_version(),
+               wall_s=round(time.time() - t0, 1))
+    rows = json.load(open(a.out)) if os.path.exists(a.out) else []
+    rows.append(row)
+    json.dump(rows, open(a.out, "w"), indent=1)
+    print(json.dumps({k: v for k, v in row.items() if k != "per_prompt"}, indent=1))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return os.environ.get("VLLM_DMS_COMMIT", "unknown")
+
+
+def _vllm_version() -> str:
+    import vllm
+    return vllm.__version__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""DMSCompactAttentionBackend: vLLM's CUSTOM attention backend for ``--kv-cache-dtype dms_fp8``.
+
+Per step the builder turns vLLM's common metadata into ours (decodes first, then whole-prompt
+prefills; each request's arena slot is the single block id the scheduler gave it), drains the
+slots freed since the last step, and the impl, per layer, stores then attends:
+
+* decode rows: ``dms_decode_store`` (flag, exact expiry by slot reuse, FP8 append) then
+  ``dms_decode_attention`` (split-K over the row's live slots);
+* prefill rows: ``dms_prefill_attention`` (the exact DMS mask over the prompt) then
+  ``dms_prefill_pack`` (survivors to the arena in FP8).
+
+The decision channel is the query itself: the DMS model transform puts the raw pre-RoPE value of
+the borrowed lane (head h*G, lane D-1) back into that lane after RoPE, so the decision reaches us
+inside the attention op (ordered, graph- and compile-safe); we read it, then zero the lane.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_dms.arena import ArenaLayout, spec_page_bytes
+from vllm_dms.runtime import DMSRuntime, get_runtime, set_runtime
+
+
+class DMSCompactAttentionBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True  # the store needs our metadata
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["dms_fp8"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # Attention.__init__ maps the name back to the enum member
+
+    @staticmethod
+    def get_impl_cls() -> type["DMSCompactAttentionImpl"]:
+        return DMSCompactAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["DMSMetadataBuilder"]:
+        return DMSMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]  # never split a block: block_table[:, 0] must stay the slot id
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "dms_fp8") -> tuple[int, ...]:
+        # Raw bytes: the arena carves state, K/V and meta words itself (see vllm_dms.arena).
+        return (num_blocks, spec_page_bytes(num_kv_heads, head_size, block_size))
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype: str | None) -> bool:
+        return kv_cache_dtype == "dms_fp8"
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size % 16 == 0 and head_size <= 256
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class DMSMetadata:
+    num_actual_tokens: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    max_prefill_len: int
+    slots: torch.Tensor          # int32 [num_reqs]: arena slot of each request
+    decode_pos: torch.Tensor     # int32 [num_decodes]: position of each decode token
+    prefill_cu: torch.Tensor     # int32 [num_prefills + 1]: cu_seqlens within the prefill part
+    prefill_last: torch.Tensor   # int64 [num_prefills]: index of each prompt's last token
+    runtime: DMSRuntime
+
+
+class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        self.layer_names = list(layer_names)
+        self.vllm_config = vllm_config
+        self.runtime: DMSRuntime | None = get_runtime()
+
+    def _kv_layers(self) -> list[torch.Tensor]:
+        ctx = self.vllm_config.compilation_config.static_forward_context
+        return [ctx[name].kv_cache for name in self.layer_names]
+
+    def _ensure_runtime(self) -> DMSRuntime:
+        if self.runtime is not None and self.runtime.initialized:
+            return self.runtime
+        from vllm_dms.config import dms_config_from_vllm
+        kv_layers = self._kv_layers()
+        spec, vc = self.kv_cache_spec, self.vllm_config
+        dms = dms_config_from_vllm(vc)
+        page = spec_page_bytes(spec.num_kv_heads, spec.head_size, spec.block_size)
+        layout = ArenaLayout.from_config(
+            dms, block_size=spec.block_size, max_num_seqs=vc.scheduler_config.max_num_seqs,
+            max_model_len=vc.model_config.max_model_len,
+            num_blocks=kv_layers[0].numel() // page)
+        layout = ArenaLayout(**{**layout.__dict__, "num_layers": len(kv_layers),
+                                "num_kv_heads": spec.num_kv_heads})
+        layout.validate()
+        num_q_heads = vc.model_config.get_num_attention_heads(vc.parallel_config)
+        self.runtime = set_runtime(DMSRuntime(dms, layout, self.layer_names, num_q_heads,
+                                              self.device))
+        self.runtime.init_arenas(kv_layers)
+        return self.runtime
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DMSMetadata:
+        from vllm_dms.channel import CHANNEL
+        cam = common_attn_metadata
+        rt = self._ensure_runtime()
+        if CHANNEL.release:  # free last step's finished/preempted slots before anyone packs
+            freed, CHANNEL.release[:] = list(CHANNEL.release), []
+            rt.release(self._kv_layers(), freed)
+        nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
+        qsl_cpu = cam.query_start_loc_cpu
+        slots = cam.block_table_tensor[: cam.num_reqs, 0].to(torch.int32)
+        max_pf = 0
+        if npf:
+            q_lens = qsl_cpu[nd + 1: cam.num_reqs + 1] - qsl_cpu[nd: cam.num_reqs]
+            max_pf = int(q_lens.max())
+            seq_cpu = cam.seq_lens_cpu_upper_bound
+            if seq_cpu is not None and bool((seq_cpu[nd: cam.num_reqs] != q_lens).any()):
+                raise RuntimeError("dms_fp8: a continuation prefill chunk reached the DMS "
+                                   "backend; chunked prefill must be off (engine validator)")
+        qsl = cam.query_start_loc
+        prefill_cu = (qsl[nd: cam.num_reqs + 1] - qsl[nd]).to(torch.int32)
+        rt.slot_ntok.index_copy_(0, slots.long(), cam.seq_lens[: cam.num_reqs].to(torch.int32))
+        rt.slot_ntok[0] = 0  # slot 0 is padding
+        return DMSMetadata(
+            num_actual_tokens=cam.num_actual_tokens, num_decodes=nd, num_decode_tokens=nd_tok,
+            num_prefills=npf, max_prefill_len=max_pf, slots=slots,
+            decode_pos=(cam.seq_lens[:nd] - 1).to(torch.int32), prefill_cu=prefill_cu,
+            prefill_last=(prefill_cu[1:] - 1).long(), runtime=rt)
+
+
+class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "dms_fp8",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs):
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise ValueError("dms_fp8 supports plain causal attention only "
+                             "(no ALiBi, sliding window or soft cap)")
+        if kv_sharing_target_layer_name is not None:
+            raise ValueError("dms_fp8 does not support cross-layer KV sharing")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.group = num_heads // self.num_kv_heads
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: DMSMetadata, output: torch.Tensor | None = None,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        assert output is not None, "DMS backend writes into vLLM's output buffer"
+        if attn_metadata is None:  # profiling / dummy run: no arena traffic
+            return output.fill_(0)
+        from vllm_dms.kernels.decode import dms_decode_attention
+        from vllm_dms.kernels.arena_ops import dms_decode_store, dms_prefill_pack
+        from vllm_dms.kernels.prefill import dms_prefill_attention
+        md, rt = attn_metadata, attn_metadata.runtime
+        dms, layout = rt.dms, rt.layout
+        li = rt.layer_index[layer.layer_name]
+        N, Hq, H, D, G = md.num_actual_tokens, self.num_heads, self.num_kv_heads, self.head_size, self.group
+        q = query[:N].view(N, Hq, D)
+        k = key[:N].view(N, H, D)
+        v = value[:N].view(N, H, D)
+        dec = dms.decisions_from_lane(q[:, ::G, D - 1])      # [N, H]: carried pre-RoPE lane
+        q = q.clone()
+        q[:, ::G, D - 1] = 0                                  # NVIDIA: lane zero after RoPE
+        out = output[:N].view(N, Hq, D)
+        kv = kv_cache.view(-1)
+        pages = rt.layer_pages[li]
+        nd = md.num_decodes
+        if nd:
+            dms_decode_store(kv, layout, k[:nd].contiguous(), v[:nd].contiguous(), dec[:nd],
+                             md.decode_pos, md.slots[:nd], dms.decision_shift, pages, rt.overflow)
+            dms_decode_attention(q[:nd], kv, layout, md.slots[:nd], self.scale, out[:nd],
+                                 rt.ws_acc[:nd], rt.ws_m[:nd], rt.ws_l[:nd])
+        if md.num_prefills:
+            kp, vp = k[nd:].contiguous(), v[nd:].contiguous()
+            flags = dec[nd:]
+            if dms.decision_shift == 1:  # the decision at t flags t-1; a prompt's last flag waits
+                flags = torch.cat([flags[1:], torch.zeros_like(flags[:1])])
+                flags[md.prefill_last] = False
+            dms_prefill_attention(q[nd:], kp, vp, flags, md.prefill_cu, md.max_prefill_len,
+                                  dms.window, self.scale, out[nd:])
+            dms_prefill_pack(kv, layout, kp, vp, flags, md.prefill_cu, md.slots[nd:],
+                             pages, rt.overflow)
+        if li == layout.num_layers - 1:
+            rt.publish()
+        return output

@@ -1,0 +1,387 @@
+"""Kernels that mutate the compact DMS arena (layout: vllm_dms/arena.py).
+
+* ``arena_state`` / ``arena_init``: named views of one layer tensor, and its one-time reset.
+* ``dms_release``: give every sub-page of some rows back to the free stack (pushes only).
+* ``dms_prefill_pack``: write a first prefill chunk's DMS survivors densely into empty rows (pops).
+* ``dms_decode_store``: one exact DMS decode step per row: flag, evict-by-reuse or append (pops).
+
+All launch wrappers are CUDA-graph safe: no host syncs and no allocation (only tensor views).
+``arena_read_row`` is a host-side debug/test reader and is not capture safe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_dms.arena import ArenaLayout
+
+FLAG_BIT = tl.constexpr(-2147483648)  # bit 31 of the int32 meta word (constexpr: used in jit code)
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaState:
+    data: torch.Tensor        # uint8 [num_blocks * page_bytes], the whole layer tensor
+    words: torch.Tensor       # int32 view of the same bytes
+    free_top: torch.Tensor    # int32 [16]; word 0 is the stack height
+    free_stack: torch.Tensor  # int32 [NSP]
+    row_len: torch.Tensor     # int32 [S1, H]
+    row_npages: torch.Tensor  # int32 [S1, H]
+    ring: torch.Tensor        # int32 [S1, H, W+1]
+    row_pages: torch.Tensor   # int32 [S1, H, MAXP]
+
+
+def arena_state(kv_layer: torch.Tensor, layout: ArenaLayout) -> ArenaState:
+    assert kv_layer.dtype == torch.uint8, f"kv_layer must be uint8, got {kv_layer.dtype}"
+    assert kv_layer.is_contiguous(), "kv_layer must be contiguous"
+    assert kv_layer.numel() == layout.num_blocks * layout.page_bytes, (
+        f"kv_layer has {kv_layer.numel()} B, layout wants {layout.num_blocks * layout.page_bytes}")
+    assert layout.subpage_bytes % 4 == 0 and layout.elem_bytes in (1, 2)
+    data = kv_layer.view(-1)
+    words = data.view(torch.int32)
+    offs = layout.state_offsets()
+
+    def arr(name: str) -> torch.Tensor:
+        off, shape = offs[name]
+        return words[off:off + math.prod(shape)].view(shape)
+
+    return ArenaState(data, words, arr("free_top"), arr("free_stack"), arr("row_len"),
+                      arr("row_npages"), arr("ring"), arr("row_pages"))
+
+
+def arena_init(kv_layer: torch.Tensor, layout: ArenaLayout) -> None:
+    """Zero the state region and put every data sub-page on the free stack (eager, once)."""
+    layout.validate()
+    st = arena_state(kv_layer, layout)
+    st.words[:layout.state_offsets()["_end"][0]].zero_()
+    first, end = layout.first_data_subpage, layout.num_blocks * layout.num_kv_heads
+    st.free_stack[:end - first].copy_(
+        torch.arange(first, end, dtype=torch.int32, device=kv_layer.device))
+    st.free_top[0] = end - first
+
+
+# ---------------------------------------------------------------------------- shared jit helpers
+@triton.jit
+def _kv_byte_off(page, off, P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr):
+    # int64: a layer tensor may exceed 2 GiB
+    return page.to(tl.int64) * (P * (2 * D * ELEM + 4)) + off.to(tl.int64) * (D * ELEM)
+
+
+@triton.jit
+def _meta_ptr(data, page, off, P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr):
+    base = page.to(tl.int64) * (P * (2 * D * ELEM + 4)) + 2 * P * D * ELEM
+    return (data + base).to(tl.pointer_type(tl.int32)) + off
+
+
+@triton.jit
+def _typed(ptr, ELEM: tl.constexpr):
+    # byte address -> element pointer of the store dtype
+    if ELEM == 1:
+        return ptr.to(tl.pointer_type(tl.float8e4nv))
+    else:
+        return ptr.to(tl.pointer_type(tl.bfloat16))
+
+
+@triton.jit
+def _to_store(x, ELEM: tl.constexpr):
+    if ELEM == 1:  # per-tensor scale 1.0: saturate to the e4m3 range, then round
+        return tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _write_kv(data, kv_off, page, off, k_ptrs, v_ptrs, mask, P: tl.constexpr, D: tl.constexpr,
+              ELEM: tl.constexpr):
+    # kv_off: [.., BLOCK_D] byte offsets of the dims inside a K row; page/off broadcastable
+    kb = _kv_byte_off(page, off, P, D, ELEM) + kv_off
+    kx = tl.load(k_ptrs, mask=mask, other=0.0)
+    vx = tl.load(v_ptrs, mask=mask, other=0.0)
+    tl.store(_typed(data + kb, ELEM), _to_store(kx, ELEM), mask=mask)
+    tl.store(_typed(data + kb + P * D * ELEM, ELEM), _to_store(vx, ELEM), mask=mask)
+
+
+# ---------------------------------------------------------------------------- release
+@triton.jit
+def _release_kernel(free_top, free_stack, row_len, row_npages, row_pages, slots, layer_pages,
+                    H, MAXP, BLOCK_PG: tl.constexpr):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots + r)
+    if slot > 0:
+        rh = slot * H + h
+        npg = tl.load(row_npages + rh)
+        old = tl.atomic_add(free_top, npg)
+        pp = tl.arange(0, BLOCK_PG)
+        for p0 in range(0, npg, BLOCK_PG):
+            m = p0 + pp < npg
+            ids = tl.load(row_pages + rh * MAXP + p0 + pp, mask=m)
+            tl.store(free_stack + old + p0 + pp, ids, mask=m)
+        tl.store(row_len + rh, 0)
+        tl.store(row_npages + rh, 0)
+        tl.store(layer_pages + slot, 0)
+
+
+def dms_release(kv_layer: torch.Tensor, layout: ArenaLayout, slots: torch.Tensor,
+                layer_pages: torch.Tensor) -> None:
+    """Push every sub-page of rows (slot, h) for all h back; rows become empty. slot<=0: skip.
+
+    Slots in one call must be distinct.
+    """
+    st = arena_state(kv_layer, layout)
+    _check(slots, "slots", torch.int32, (None,), kv_layer.device)
+    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), kv_layer.device)
+    if slots.numel() == 0:
+        return
+    _release_kernel[(slots.numel(), layout.num_kv_heads)](
+        st.free_top, st.free_stack, st.row_len, st.row_npages, st.row_pages, slots, layer_pages,
+        layout.num_kv_heads, layout.max_pages_per_row, BLOCK_PG=64, num_warps=1)
+
+
+# ---------------------------------------------------------------------------- prefill pack
+@triton.jit
+def _pack_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_pages,
+                 k_ptr, v_ptr, flags, cu, slots, layer_pages, overflow,
+                 skt, skh, svt, svh, sft, sfh, H, W, MAXP,
+                 P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PG: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots + b)
+    start = tl.load(cu + b)
+    n = tl.load(cu + b + 1) - start
+    if slot > 0:
+        tt = tl.arange(0, BLOCK_T)
+        # pass 1: how many keys survive the last query of the chunk
+        n_keep = tl.full((), 0, tl.int32)
+        for t0 in range(0, n, BLOCK_T):
+            tk = t0 + tt
+            valid = tk < n
+            f = tl.load(flags + (start + tk).to(tl.int64) * sft + h * sfh, mask=valid, other=0)
+            keep = valid & ((n - 1 - tk <= W) | (f == 0))
+            n_keep += tl.sum(keep.to(tl.int32), 0)
+        npg = (n_keep + P - 1) // P
+        old = tl.atomic_add(free_top, -npg)
+        if (old < npg) | (npg > MAXP):
+            tl.atomic_add(free_top, npg)  # undo; the row stays empty
+            tl.store(overflow, 1)
+        else:
+            base_sp = old - npg
+            rh = slot * H + h
+            pp = tl.arange(0, BLOCK_PG)
+            for p0 in range(0, npg, BLOCK_PG):
+                pm = p0 + pp < npg
+                ids = tl.load(free_stack + base_sp + p0 + pp, mask=pm)
+                tl.store(row_pages + rh * MAXP + p0 + pp, ids, mask=pm)
+            dd = tl.arange(0, BLOCK_D)
+            dm = dd < D
+            W1 = W + 1
+            # pass 2: scatter survivors densely, in position order (exclusive prefix sum)
+            rcount = tl.full((), 0, tl.int32)
+            for t0 in range(0, n, BLOCK_T):
+                tk = t0 + tt
+                valid = tk < n
+                tok = (start + tk).to(tl.int64)
+                f = tl.load(flags + tok * sft + h * sfh, mask=valid, other=0)
+                in_win = valid & (n - 1 - tk <= W)
+                keep = in_win | (valid & (f == 0))
+                ki = keep.to(tl.int32)
+                r = rcount + tl.cumsum(ki, 0) - ki
+                # page ids come straight from the popped stack range (row_pages may not be visible yet)
+                page = tl.load(free_stack + base_sp + r // P, mask=keep, other=0)
+                off = r % P
+                m2 = keep[:, None] & dm[None, :]
+                _write_kv(data, dd[None, :] * ELEM, page[:, None], off[:, None],
+                          k_ptr + tok[:, None] * skt + h * skh + dd[None, :],
+                          v_ptr + tok[:, None] * svt + h * svh + dd[None, :], m2, P, D, ELEM)
+                meta = tl.where(f != 0, tk | FLAG_BIT, tk)
+                tl.store(_meta_ptr(data, page, off, P, D, ELEM), meta, mask=keep)
+                tl.store(ring + rh * W1 + tk % W1, r, mask=in_win)
+                rcount += tl.sum(ki, 0)
+            tl.store(row_len + rh, n_keep)
+            tl.store(row_npages + rh, npg)
+            tl.atomic_add(layer_pages + slot, npg)
+
+
+def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
+                     v: torch.Tensor, flags: torch.Tensor, cu_seqlens: torch.Tensor,
+                     slots: torch.Tensor, layer_pages: torch.Tensor,
+                     overflow: torch.Tensor) -> None:
+    """Pack the DMS survivors of each request's first chunk into its (empty) rows.
+
+    k, v [T, H, D] bf16 (last dim contiguous); flags [T, H] bool, already shifted (the flag each
+    key owns); cu_seqlens int32 [B+1]; slots int32 [B] (<=0: skip); layer_pages int32 [S1];
+    overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty).
+    """
+    st = arena_state(kv_layer, layout)
+    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
+    T = k.shape[0]
+    _check(k, "k", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    _check(v, "v", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    _check(flags, "flags", torch.bool, (T, H), dev)
+    B = slots.shape[0]
+    _check(slots, "slots", torch.int32, (B,), dev)
+    _check(cu_seqlens, "cu_seqlens", torch.int32, (B + 1,), dev)
+    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
+    _check(overflow, "overflow", torch.int32, (1,), dev)
+    if B == 0:
+        return
+    fl = flags.view(torch.uint8)
+    _pack_kernel[(B, H)](
+        st.data, st.free_top, st.free_stack, st.row_len, st.row_npages, st.ring, st.row_pages,
+        k, v, fl, cu_seqlens, slots, layer_pages, overflow,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), fl.stride(0), fl.stride(1),
+        H, layout.window, layout.max_pages_per_row,
+        P=layout.block_size, D=D, ELEM=layout.elem_bytes,
+        BLOCK_T=64 if kv_layer.is_cuda else 16, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_PG=64, num_warps=4)
+
+
+# ---------------------------------------------------------------------------- decode store
+@triton.jit
+def _decode_store_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_pages,
+                         k_ptr, v_ptr, dec, pos, slots, layer_pages, overflow,
+                         skb, skh, svb, svh, sdb, sdh, H, W, MAXP,
+                         SHIFT: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
+                         ELEM: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots + b)
+    if slot > 0:
+        q = tl.load(pos + b)
+        d = tl.load(dec + b * sdb + h * sdh).to(tl.int32)
+        W1 = W + 1
+        rh = slot * H + h
+        ring_row = ring + rh * W1
+        pages_row = row_pages + rh * MAXP
+        if SHIFT == 1:
+            if q >= 1:  # (a) the decision at q is the flag of token q-1
+                rs = tl.load(ring_row + (q - 1) % W1)
+                mp = _meta_ptr(data, tl.load(pages_row + rs // P), rs % P, P, D, ELEM)
+                mv = tl.load(mp)
+                tl.store(mp, tl.where(d != 0, mv | FLAG_BIT, mv & 0x7FFFFFFF))
+        # (b) token e = q-W-1 leaves the window now: reuse its slot iff it is flagged
+        e = q - W - 1
+        has_e = e >= 0
+        rs_e = tl.load(ring_row + q % W1, mask=has_e, other=0)
+        pg_e = tl.load(pages_row + rs_e // P, mask=has_e, other=0)
+        meta_e = tl.load(_meta_ptr(data, pg_e, rs_e % P, P, D, ELEM), mask=has_e, other=0)
+        reuse = has_e & (meta_e < 0)
+        ln = tl.load(row_len + rh)
+        npg = tl.load(row_npages + rh)
+        target = tl.where(reuse, rs_e, ln)
+        need_page = (reuse == 0) & (ln >= npg * P)
+        fail = tl.full((), 0, tl.int32)
+        popped = tl.full((), 0, tl.int32)
+        if need_page:
+            if npg >= MAXP:
+                fail += 1
+            else:
+                old = tl.atomic_add(free_top, -1)
+                if old < 1:
+                    tl.atomic_add(free_top, 1)  # undo
+                    fail += 1
+                else:
+                    popped = tl.load(free_stack + old - 1)
+        if fail != 0:
+            tl.store(overflow, 1)
+        else:
+            if need_page:
+                tl.store(pages_row + npg, popped)
+                tl.store(row_npages + rh, npg + 1)
+                tl.atomic_add(layer_pages + slot, 1)
+            # a fresh page is not read back from row_pages (same-program visibility)
+            pg_t = tl.load(pages_row + target // P, mask=need_page == 0, other=0)
+            pg_t = tl.where(need_page, popped, pg_t)
+            off_t = target % P
+            dd = tl.arange(0, BLOCK_D)
+            dm = dd < D
+            _write_kv(data, dd * ELEM, pg_t, off_t, k_ptr + b * skb + h * skh + dd,
+                      v_ptr + b * svb + h * svh + dd, dm, P, D, ELEM)
+            own = d * (1 - SHIFT)  # shift 0: a token owns its own decision
+            tl.store(_meta_ptr(data, pg_t, off_t, P, D, ELEM), tl.where(own != 0, q | FLAG_BIT, q))
+            tl.store(ring_row + q % W1, target)
+            tl.store(row_len + rh, tl.where(reuse, ln, ln + 1))
+
+
+def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
+                     v: torch.Tensor, dec: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                     shift: int, layer_pages: torch.Tensor, overflow: torch.Tensor) -> None:
+    """One exact DMS decode step per (request, kv head); see the module docstring of arena.py.
+
+    k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token);
+    pos int32 [B] (position of the new token); slots int32 [B] (<=0: skip); shift 0 or 1.
+    """
+    st = arena_state(kv_layer, layout)
+    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
+    B = slots.shape[0]
+    assert shift in (0, 1), f"shift must be 0 or 1, got {shift!r}"
+    _check(k, "k", torch.bfloat16, (B, H, D), dev, last_contig=True)
+    _check(v, "v", torch.bfloat16, (B, H, D), dev, last_contig=True)
+    _check(dec, "dec", torch.bool, (B, H), dev)
+    _check(pos, "pos", torch.int32, (B,), dev)
+    _check(slots, "slots", torch.int32, (B,), dev)
+    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
+    _check(overflow, "overflow", torch.int32, (1,), dev)
+    if B == 0:
+        return
+    dv = dec.view(torch.uint8)
+    _decode_store_kernel[(B, H)](
+        st.data, st.free_top, st.free_stack, st.row_len, st.row_npages, st.ring, st.row_pages,
+        k, v, dv, pos, slots, layer_pages, overflow,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), dv.stride(0), dv.stride(1),
+        H, layout.window, layout.max_pages_per_row,
+        SHIFT=shift, P=layout.block_size, D=D, ELEM=layout.elem_bytes,
+        BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+
+
+# ---------------------------------------------------------------------------- host helpers
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None,
+           device: torch.device | None = None, last_contig: bool = False) -> None:
+    assert isinstance(t, torch.Tensor), f"{name} must be a tensor"
+    assert t.dtype == dtype, f"{name}: dtype {t.dtype}, expected {dtype}"
+    if shape is not None:
+        assert t.dim() == len(shape) and all(w is None or w == s for w, s in zip(shape, t.shape)), (
+            f"{name}: shape {tuple(t.shape)}, expected {shape}")
+    if device is not None:
+        assert t.device == device, f"{name} on {t.device}, expected {device}"
+    if last_contig:
+        assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
+    else:
+        assert t.is_contiguous(), f"{name} must be contiguous"
+
+
+def arena_read_row(kv_layer: torch.Tensor, layout: ArenaLayout, slot: int, h: int) -> dict:
+    """Decode row (slot, h) on the host: k, v fp32 [L, D], pos int64 [L], flag bool [L], pages.
+
+    Debug/test aid only (copies to the CPU, not capture safe).
+    """
+    st = arena_state(kv_layer, layout)
+    P, D, E = layout.block_size, layout.head_dim, layout.elem_bytes
+    n = int(st.row_len[slot, h])
+    pages = st.row_pages[slot, h, :int(st.row_npages[slot, h])].cpu().tolist()
+    data = st.data.cpu()
+    sdt = torch.float8_e4m3fn if E == 1 else torch.bfloat16
+    ks, vs, metas = [], [], []
+    for r in range(n):
+        base = pages[r // P] * layout.subpage_bytes
+        kb = base + (r % P) * D * E
+        ks.append(data[kb:kb + D * E].view(sdt).float())
+        vs.append(data[kb + P * D * E:kb + P * D * E + D * E].view(sdt).float())
+        mb = base + 2 * P * D * E + (r % P) * 4
+        metas.append(int(data[mb:mb + 4].view(torch.int32)))
+    meta = torch.tensor(metas, dtype=torch.int64)
+    return dict(k=torch.stack(ks) if ks else torch.zeros(0, D),
+                v=torch.stack(vs) if vs else torch.zeros(0, D),
+                pos=meta & 0x7FFFFFFF, flag=(meta >> 31) & 1 == 1, pages=pages)
+
+
+def quantize_like_store(x: torch.Tensor, elem_bytes: int) -> torch.Tensor:
+    """What the arena returns for x (fp32): FP8 e4m3 round trip (scale 1, saturating) or bf16."""
+    if elem_bytes == 1:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return x.to(torch.bfloat16).float()

@@ -1,0 +1,112 @@
+"""Exact DMS prefill attention over each request's own tokens (first chunk, positions 0..n-1).
+
+Mask (per kv head h): key k is visible to query t iff k <= t and (t - k <= W or not f[k, h]).
+The G = Hq / H query heads of group h share that mask and kv head h, so one program packs
+``BLOCK_R // G`` tokens x G heads into the rows of one tile and loads each K/V tile once.
+Online softmax in fp32 (base 2), bf16 in and out. Key tiles that no query of the tile can see
+(every key flagged and the whole tile behind the window) are skipped.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_dms.kernels.arena_ops import _check
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
+                         sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
+                         G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    start = tl.load(cu + b)
+    n = tl.load(cu + b + 1) - start
+    m_lo = pid_m * TM
+    if m_lo < n:
+        rr = tl.arange(0, BLOCK_R)
+        t = m_lo + rr // G          # token of each row
+        hq = h * G + rr % G         # query head of each row
+        row_ok = (rr < TM * G) & (t < n)
+        dd = tl.arange(0, BLOCK_D)
+        dm = dd < D
+        tok = (start + t).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
+                    mask=row_ok[:, None] & dm[None, :], other=0.0)
+        m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        m_hi = tl.minimum(m_lo + TM, n)  # exclusive: causal bound of the tile
+        nn = tl.arange(0, BLOCK_N)
+        for n0 in range(0, m_hi, BLOCK_N):
+            kk = n0 + nn
+            k_ok = kk < m_hi
+            ktok = (start + kk).to(tl.int64)
+            f = tl.load(flags + ktok * sft + h * sfh, mask=k_ok, other=1)
+            # any key of the tile still visible to some query of the tile?
+            near = m_lo - (n0 + BLOCK_N - 1) <= W
+            n_unflagged = tl.sum((k_ok & (f == 0)).to(tl.int32), 0)
+            if near | (n_unflagged > 0):
+                kx = tl.load(k_ptr + ktok[:, None] * skt + h * skh + dd[None, :],
+                             mask=k_ok[:, None] & dm[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(kx)) * qk_scale
+                vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
+                    (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vx = tl.load(v_ptr + ktok[:, None] * svt + h * svh + dd[None, :],
+                             mask=k_ok[:, None] & dm[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vx.dtype), vx)
+                m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
+
+
+def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
+                          cu_seqlens: torch.Tensor, max_seqlen: int, window: int, scale: float,
+                          out: torch.Tensor) -> None:
+    """DMS-masked causal attention of each request over its own tokens; writes ``out``.
+
+    q [T, Hq, D], k/v [T, H, D], out [T, Hq, D]: bf16, last dim contiguous (token/head strides
+    free). flags [T, H] bool (shifted: the flag each key owns). cu_seqlens int32 [B+1];
+    max_seqlen >= every request length (host int, sizes the grid).
+    """
+    T, Hq, D = q.shape
+    H = k.shape[1]
+    dev = q.device
+    assert Hq % H == 0, f"Hq={Hq} not a multiple of H={H}"
+    G = Hq // H
+    _check(q, "q", torch.bfloat16, (T, Hq, D), dev, last_contig=True)
+    _check(k, "k", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    _check(v, "v", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    _check(out, "out", torch.bfloat16, (T, Hq, D), dev, last_contig=True)
+    _check(flags, "flags", torch.bool, (T, H), dev)
+    _check(cu_seqlens, "cu_seqlens", torch.int32, (None,), dev)
+    assert window >= 1 and D >= 16, (window, D)
+    B = cu_seqlens.shape[0] - 1
+    if B <= 0 or T == 0 or max_seqlen <= 0:
+        return
+    if q.is_cuda:
+        block_r, block_n, warps = (64, 64, 4) if D <= 128 else (64, 32, 8)
+    else:  # interpreter: small tiles keep numpy fast
+        block_r, block_n, warps = 16, 16, 4
+    block_r = max(block_r, triton.next_power_of_2(G))
+    tm = block_r // G
+    fl = flags.view(torch.uint8)
+    grid = (triton.cdiv(max_seqlen, tm), B, H)
+    _prefill_attn_kernel[grid](
+        q, k, v, fl, cu_seqlens, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
+        G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=warps, num_stages=2 if q.is_cuda else 1)

@@ -1,0 +1,75 @@
+"""Worker-side DMS runtime: one per worker process, shared by every DMS attention layer.
+
+It owns what is not per layer: the arena layout, the per-(layer, slot) sub-page counters, the
+per-slot token counters, the overflow flag, the split-K workspace, and the feedback copy that
+tells the scheduler (same process at TP=1, see ``vllm_dms.channel``) how much each request holds.
+Per-layer state lives inside each layer's KV tensor (``vllm_dms.arena``).
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_dms.arena import ArenaLayout
+from vllm_dms.config import DMSConfig
+
+DECODE_SPLITS = 16  # split-K programs per (request, kv head); fixed so decode stays graph-safe
+
+
+class DMSRuntime:
+    def __init__(self, dms: DMSConfig, layout: ArenaLayout, layer_names: list[str],
+                 num_q_heads: int, device: torch.device):
+        self.dms, self.layout, self.device = dms, layout, device
+        self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        S1, L = layout.num_slots, layout.num_layers
+        i32 = dict(dtype=torch.int32, device=device)
+        self.layer_pages = torch.zeros(L, S1, **i32)    # sub-pages held per (layer, slot)
+        self.slot_ntok = torch.zeros(S1, **i32)         # tokens in the arena per slot
+        self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
+        self.feedback = torch.zeros(S1, 2, **i32)       # (n_done, pages_max) staged for the host
+        D = layout.head_dim
+        self.ws_acc = torch.empty(layout.max_num_seqs, num_q_heads, DECODE_SPLITS, D,
+                                  dtype=torch.float32, device=device)
+        self.ws_m = torch.empty(layout.max_num_seqs, num_q_heads, DECODE_SPLITS,
+                                dtype=torch.float32, device=device)
+        self.ws_l = torch.empty_like(self.ws_m)
+        self.initialized = False
+
+    def init_arenas(self, kv_layers: list[torch.Tensor]) -> None:
+        from vllm_dms.kernels.arena_ops import arena_init
+        for kv in kv_layers:
+            arena_init(kv, self.layout)
+        self.initialized = True
+
+    def release(self, kv_layers: list[torch.Tensor], slots: list[int]) -> None:
+        """Return every sub-page of the freed slots to the free stacks (runs before any pack)."""
+        from vllm_dms.kernels.arena_ops import dms_release
+        t = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
+        for i, kv in enumerate(kv_layers):
+            dms_release(kv, self.layout, t, self.layer_pages[i])
+        self.slot_ntok.index_fill_(0, t.long(), 0)
+
+    def slot_bytes(self, slot: int) -> int:
+        """Arena bytes a slot holds: its sub-pages summed over layers (reads the GPU; tools only)."""
+        return int(self.layer_pages[:, slot].sum()) * self.layout.subpage_bytes
+
+    def publish(self) -> None:
+        """Stage (n_done, pages_max) per slot for the scheduler; read after the step's sync."""
+        from vllm_dms.channel import CHANNEL
+        self.feedback[:, 0].copy_(self.slot_ntok)
+        self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
+        host = CHANNEL.ensure(self.layout.num_slots)
+        host.copy_(self.feedback, non_blocking=True)
+        CHANNEL.overflow_flag.copy_(self.overflow, non_blocking=True)
+
+
+_RUNTIME: DMSRuntime | None = None
+
+
+def get_runtime() -> DMSRuntime | None:
+    return _RUNTIME
+
+
+def set_runtime(rt: DMSRuntime) -> DMSRuntime:
+    global _RUNTIME
+    _RUNTIME = rt
+    return rt
