@@ -249,10 +249,11 @@ def test_kv_fp8_roundtrip(model):
     assert y[0] == 448.0 and y[1] == -448.0 and y[3] == 1.0 and y[2] != 0.1
     dms = dms_for(model)
     ids = ids_of(24)
-    a = reference_forward(model, dms, ids, kv_fp8=True)
     b = reference_forward(model, dms, ids)
-    assert not torch.equal(a.logits, b.logits)
-    torch.testing.assert_close(a.logits, b.logits, rtol=0.1, atol=0.1)
+    # same decisions in both runs, so only the e4m3 rounding of K/V differs
+    a = reference_forward(model, dms, ids, kv_fp8=True, injected_decisions=b.decisions)
+    err = (a.logits - b.logits).abs()
+    assert 0 < err.mean() < 0.05 * b.logits.std()
 
 
 def test_bf16_model_is_computed_in_fp32(model):

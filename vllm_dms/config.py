@@ -12,6 +12,7 @@ token flags itself), matching how each family of checkpoints was trained.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -120,6 +121,22 @@ class DMSConfig:
                    source=source, **shape)
 
 
+def dms_config_from_vllm(vllm_config: Any) -> DMSConfig:
+    """The DMSConfig of the model a VllmConfig serves (engine core, workers, scheduler).
+
+    Rebuilt from the checkpoint directory plus dict ``hf_overrides``, exactly as the startup
+    validator built it, so nothing has to travel inside VllmConfig. Cached per process.
+    """
+    mc = vllm_config.model_config
+    overrides = mc.hf_overrides if isinstance(mc.hf_overrides, dict) else {}
+    return _cached_from_checkpoint(mc.model, json.dumps(overrides, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_from_checkpoint(model_dir: str, overrides_json: str) -> DMSConfig:
+    return DMSConfig.from_checkpoint(model_dir, json.loads(overrides_json) or None)
+
+
 def has_dms_fields(model_dir: str) -> bool:
     """True if the checkpoint carries any DMS field (complete or not)."""
     try:
@@ -160,6 +177,12 @@ def _shape_fields(hf: dict, where: str) -> dict:
             raise DMSConfigError(f"{where}: config.json lacks {key}")
     nq = hf["num_attention_heads"]
     nkv = hf.get("num_key_value_heads", nq)
+    # Checked before any arithmetic so a bad value names its field, not a ZeroDivisionError.
+    for key, value in (("num_hidden_layers", hf["num_hidden_layers"]),
+                       ("num_attention_heads", nq), ("num_key_value_heads", nkv),
+                       ("hidden_size", hf["hidden_size"])):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DMSConfigError(f"{where}: {key} must be an integer >= 1, got {value!r}")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // nq
     if nq % nkv:
         raise DMSConfigError(f"{where}: num_attention_heads={nq} is not a multiple of "

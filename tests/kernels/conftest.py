@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit
 
 import triton  # noqa: E402,F401  (after TRITON_INTERPRET)
+
+from vllm_dms.arena import ArenaLayout, cdiv  # noqa: E402
+from vllm_dms.kernels.arena_ops import arena_init, arena_state  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -21,8 +25,9 @@ _COMPILE_SCRIPT = r"""
 import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
-for mod, name, sig, cx in json.loads(sys.stdin.read()):
+for mod, name, types, cx in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(mod), name)
+    sig = {a: "constexpr" if a in cx else types.get(a, "i32") for a in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
     print("compiled", name, cx)
@@ -39,7 +44,7 @@ def compile_sm90():
     """Compile jit kernels for sm_90 offline (no GPU needed): catches what the interpreter
     accepts but the real compiler rejects (loop-carried types, pointer casts, dot shapes).
 
-    specs: list of (module, kernel name, {arg: type string or "constexpr"}, {constexpr: value}).
+    specs: list of (module, kernel, {arg: type} for args that are not i32, {constexpr: value}).
     """
     def run(specs):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -52,6 +57,38 @@ def compile_sm90():
     return run
 
 
-def arg_types(names: str, ty: str) -> dict:
-    """'a b c' -> {'a': ty, 'b': ty, 'c': ty} (signature shorthand for compile_sm90 specs)."""
-    return {n: ty for n in names.split()}
+# ---------------------------------------------------------------- shared helpers (via `kit`)
+def make_layout(H=2, D=32, P=4, W=4, S=6, max_len=64, num_blocks=None, elem=1) -> ArenaLayout:
+    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
+                      max_num_seqs=S, max_model_len=max_len, num_blocks=1, elem_bytes=elem)
+    if num_blocks is None:  # state blocks + room for every slot's worst-case rows
+        num_blocks = lay.first_data_block + S * cdiv(max_len, P) + 2
+    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": num_blocks})
+    while lay.first_data_block >= lay.num_blocks:  # state region grew with num_blocks
+        lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.num_blocks + 1})
+    return lay
+
+
+def new_arena(layout: ArenaLayout, device) -> torch.Tensor:
+    kv = torch.zeros(layout.num_blocks, layout.page_bytes, dtype=torch.uint8, device=device)
+    arena_init(kv.view(-1), layout)
+    return kv
+
+
+def check_pages_conserved(kv, layout):
+    """Free stack + all rows' pages == every data sub-page exactly once."""
+    st = arena_state(kv.view(-1), layout)
+    top = int(st.free_top[0])
+    used = list(st.free_stack[:top].cpu().tolist())
+    npg = st.row_npages.cpu()
+    for s in range(layout.num_slots):
+        for h in range(layout.num_kv_heads):
+            used += st.row_pages[s, h, :int(npg[s, h])].cpu().tolist()
+    assert sorted(used) == list(range(layout.first_data_subpage,
+                                      layout.num_blocks * layout.num_kv_heads))
+
+
+@pytest.fixture
+def kit() -> types.SimpleNamespace:
+    return types.SimpleNamespace(make_layout=make_layout, new_arena=new_arena,
+                                 check_pages_conserved=check_pages_conserved)

@@ -78,20 +78,60 @@ def _meta_ptr(data, page, off, P: tl.constexpr, D: tl.constexpr, ELEM: tl.conste
 
 
 @triton.jit
-def _typed(ptr, ELEM: tl.constexpr):
-    # byte address -> element pointer of the store dtype
+def _e4m3_bits(x):
+    # fp32 -> e4m3fn byte in integer math: round-to-nearest-even, saturate to +-448 (scale 1.0).
+    # Exact on every backend (the interpreter's own fp8 cast neither ties to even nor carries).
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    r = a - (120 << 23)  # rebias 127 -> 7; a mantissa carry rolls into the exponent
+    norm = (r + 0x7FFFF + ((r >> 20) & 1)) >> 20
+    e = a >> 23
+    sh = tl.maximum(tl.minimum(141 - e, 30), 1)  # subnormal: m * 2^-9, m = rne(M >> sh)
+    mant = (a & 0x7FFFFF) | 0x800000
+    qv = mant >> sh
+    rem = mant & ((1 << sh) - 1)
+    half = 1 << (sh - 1)
+    sub = qv + ((rem > half) | ((rem == half) & ((qv & 1) == 1))).to(tl.int32)
+    out = tl.where(a < 0x3C800000, sub, norm)  # below 2^-6: subnormal
+    out = tl.where(a >= 0x43E00000, 0x7E, out)  # >= 448 and inf saturate
+    out = tl.where(a > 0x7F800000, 0x7F, out)  # NaN
+    return (out | sign).to(tl.uint8)
+
+
+@triton.jit
+def _to_store(x, ELEM: tl.constexpr):
     if ELEM == 1:
-        return ptr.to(tl.pointer_type(tl.float8e4nv))
+        return _e4m3_bits(x.to(tl.float32))
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _store_ptr(ptr, ELEM: tl.constexpr):
+    # byte address -> element pointer of the stored encoding (FP8 is stored as its bits)
+    if ELEM == 1:
+        return ptr
     else:
         return ptr.to(tl.pointer_type(tl.bfloat16))
 
 
 @triton.jit
-def _to_store(x, ELEM: tl.constexpr):
-    if ELEM == 1:  # per-tensor scale 1.0: saturate to the e4m3 range, then round
-        return tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
+def _load_kv(ptr, mask, ELEM: tl.constexpr):
+    # byte addresses -> bf16 values (every e4m3 value is exact in bf16)
+    if ELEM == 1:
+        return tl.load(ptr, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
     else:
-        return x.to(tl.bfloat16)
+        return tl.load(ptr.to(tl.pointer_type(tl.bfloat16)), mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    # bf16 tensor-core dot; F32 (interpreter only): numpy has no bf16 and mis-multiplies it
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
 @triton.jit
@@ -101,8 +141,8 @@ def _write_kv(data, kv_off, page, off, k_ptrs, v_ptrs, mask, P: tl.constexpr, D:
     kb = _kv_byte_off(page, off, P, D, ELEM) + kv_off
     kx = tl.load(k_ptrs, mask=mask, other=0.0)
     vx = tl.load(v_ptrs, mask=mask, other=0.0)
-    tl.store(_typed(data + kb, ELEM), _to_store(kx, ELEM), mask=mask)
-    tl.store(_typed(data + kb + P * D * ELEM, ELEM), _to_store(vx, ELEM), mask=mask)
+    tl.store(_store_ptr(data + kb, ELEM), _to_store(kx, ELEM), mask=mask)
+    tl.store(_store_ptr(data + kb + P * D * ELEM, ELEM), _to_store(vx, ELEM), mask=mask)
 
 
 # ---------------------------------------------------------------------------- release

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import _check, _kv_byte_off, _typed, arena_state
+from vllm_dms.kernels.arena_ops import _check, _dot, _kv_byte_off, _load_kv, arena_state
 
 LOG2E = 1.4426950408889634
 
@@ -42,7 +42,8 @@ def decode_workspace(max_batch: int, Hq: int, D: int, num_splits: int,
 def _decode_split_kernel(q_ptr, data, row_len, row_pages, slots, ws_acc, ws_m, ws_l,
                          sqb, sqh, sab, sah, sas, smb, smh, H, MAXP, NS, qk_scale,
                          G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                         ELEM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         ELEM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         F32: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -68,16 +69,16 @@ def _decode_split_kernel(q_ptr, data, row_len, row_pages, slots, ws_acc, ws_m, w
         pg = tl.load(row_pages + rh * MAXP + r // P, mask=rm, other=0)
         kb = _kv_byte_off(pg, r % P, P, D, ELEM)[:, None] + dd[None, :] * ELEM
         km = rm[:, None] & dm[None, :]
-        kx = tl.load(_typed(data + kb, ELEM), mask=km, other=0.0).to(tl.bfloat16)
-        sc = tl.dot(q, tl.trans(kx)) * qk_scale
+        kx = _load_kv(data + kb, km, ELEM)
+        sc = _dot(q, tl.trans(kx), F32) * qk_scale
         sc = tl.where(rm[None, :], sc, float("-inf"))
         # every tile holds >= 1 live slot, so m_new is finite and no NaN appears
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vx = tl.load(_typed(data + kb + P * D * ELEM, ELEM), mask=km, other=0.0).to(tl.bfloat16)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), vx)
+        vx = _load_kv(data + kb + P * D * ELEM, km, ELEM)
+        acc = acc * alpha[:, None] + _dot(p, vx, F32)
         m_i = m_new
     hq = h * G + gg
     tl.store(ws_m + b * smb + hq * smh + s, m_i, mask=gm)
@@ -141,7 +142,8 @@ def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaL
         q.stride(0), q.stride(1), ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), H, layout.max_pages_per_row, NS, scale * LOG2E,
         G=G, GP=max(16, triton.next_power_of_2(G)), P=layout.block_size, D=D,
-        ELEM=layout.elem_bytes, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        ELEM=layout.elem_bytes, BLOCK_N=block_n, BLOCK_D=block_d, F32=not kv_layer.is_cuda,
+        num_warps=warps)
     _decode_reduce_kernel[(B, Hq)](
         ws_acc, ws_m, ws_l, out, ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), out.stride(0), out.stride(1), NS,

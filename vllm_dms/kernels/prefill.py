@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_dms.kernels.arena_ops import _check
+from vllm_dms.kernels.arena_ops import _check, _dot
 
 LOG2E = 1.4426950408889634
 
@@ -21,7 +21,8 @@ LOG2E = 1.4426950408889634
 def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
                          sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
                          G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         F32: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -54,7 +55,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
             if near | (n_unflagged > 0):
                 kx = tl.load(k_ptr + ktok[:, None] * skt + h * skh + dd[None, :],
                              mask=k_ok[:, None] & dm[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(kx)) * qk_scale
+                s = _dot(q, tl.trans(kx), F32) * qk_scale
                 vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
                     (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
                 s = tl.where(vis, s, float("-inf"))
@@ -64,7 +65,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
                 l_i = l_i * alpha + tl.sum(p, 1)
                 vx = tl.load(v_ptr + ktok[:, None] * svt + h * svh + dd[None, :],
                              mask=k_ok[:, None] & dm[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vx.dtype), vx)
+                acc = acc * alpha[:, None] + _dot(p, vx, F32)
                 m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
@@ -109,4 +110,4 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)

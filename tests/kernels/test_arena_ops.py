@@ -1,0 +1,197 @@
+"""Arena kernels: init, prefill pack (read back against the reference mask), release, overflow."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from vllm_dms.arena import ArenaLayout, cdiv
+from vllm_dms.kernels.arena_ops import (_load_kv, _to_store, arena_read_row, arena_state,
+                                        dms_prefill_pack,
+                                        dms_release, quantize_like_store)
+from vllm_dms.reference import dms_mask, live_counts, shifted_flags
+
+AO = "vllm_dms.kernels.arena_ops"
+
+
+def to_bits(x: torch.Tensor, elem: int) -> torch.Tensor:
+    """Store encoding of already-quantised fp32 values (exact re-encode, -0 kept)."""
+    return x.to(torch.float8_e4m3fn if elem == 1 else torch.bfloat16).view(
+        torch.uint8 if elem == 1 else torch.int16)
+
+
+def make_batch(lengths, H, D, shift, gen, p_flag=0.5, device="cpu", scale=1.0):
+    T = sum(lengths)
+    k = (torch.randn(T, H, D, generator=gen) * scale).to(torch.bfloat16)
+    v = (torch.randn(T, H, D, generator=gen) * scale).to(torch.bfloat16)
+    flags = torch.cat([shifted_flags(torch.rand(n, H, generator=gen) < p_flag, shift)
+                       for n in lengths]) if T else torch.zeros(0, H, dtype=torch.bool)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return k.to(device), v.to(device), flags.to(device), cu.to(device)
+
+
+def check_row(kv, layout, slot, h, k, v, flags_req, start):
+    """Row (slot, h) holds exactly the reference survivors of the chunk's last query."""
+    n, W, E = flags_req.shape[0], layout.window, layout.elem_bytes
+    row = arena_read_row(kv, layout, slot, h)
+    st = arena_state(kv.view(-1), layout)
+    want = dms_mask(flags_req.cpu(), W)[h, n - 1].nonzero().flatten() if n else torch.zeros(0)
+    assert row["pos"].tolist() == want.tolist(), "survivors, dense and in position order"
+    assert int(st.row_len[slot, h]) == (int(live_counts(flags_req.cpu(), W)[n - 1, h]) if n else 0)
+    assert int(st.row_npages[slot, h]) == cdiv(len(want), layout.block_size)
+    idx = (start + want).long()
+    for got, src in ((row["k"], k), (row["v"], v)):
+        ref = quantize_like_store(src[idx, h].cpu(), E)
+        assert torch.equal(to_bits(got, E), to_bits(ref, E)), "K/V bytes == quantised inputs"
+    assert torch.equal(row["flag"], flags_req[want.long(), h].cpu())
+    ring = st.ring[slot, h].cpu()
+    for r, p in enumerate(row["pos"].tolist()):
+        if p >= n - W - 1:
+            assert int(ring[p % (W + 1)]) == r, f"ring entry of token {p}"
+    return row["pages"]
+
+
+@triton.jit
+def _codec_kernel(x_ptr, bits_ptr, all_bytes, dec_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    tl.store(bits_ptr + i, _to_store(tl.load(x_ptr + i, mask=m, other=0.0), 1), mask=m)
+    j = tl.arange(0, 256)
+    tl.store(dec_ptr + j, _load_kv(all_bytes + j, j < 256, 1).to(tl.float32))
+
+
+def test_fp8_codec_exhaustive(device):
+    """Every bf16 value encodes to torch's e4m3fn(clamp(x, +-448)); every byte decodes."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x.to(device)
+    bits = torch.empty(x.numel(), dtype=torch.uint8, device=device)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(device)
+    dec = torch.empty(256, dtype=torch.float32, device=device)
+    _codec_kernel[(triton.cdiv(x.numel(), 4096),)](x, bits, every, dec, x.numel(), BLOCK=4096)
+    ref = x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+    nan = x.isnan()
+    assert torch.equal(bits[~nan], ref[~nan])
+    assert bool(((bits[nan] & 0x7F) == 0x7F).all()), "NaN stays NaN"
+    want = every.view(torch.float8_e4m3fn).float()
+    ok = (dec == want) | (dec.isnan() & want.isnan())
+    if not dec.is_cuda:  # the interpreter decodes the NaN bytes 0x7f/0xff as +-480
+        ok |= want.isnan()
+    assert bool(ok.all()), [(i, float(dec[i]), float(want[i])) for i in (~ok).nonzero().flatten().tolist()]
+
+
+def test_arena_init(device, kit):
+    lay = kit.make_layout()
+    kv = kit.new_arena(lay, device)
+    st = arena_state(kv.view(-1), lay)
+    assert int(st.free_top[0]) == lay.num_data_subpages
+    assert int(st.row_len.abs().sum()) == 0 and int(st.ring.abs().sum()) == 0
+    kit.check_pages_conserved(kv, lay)
+
+
+@pytest.mark.parametrize("elem", [1, 2])
+@pytest.mark.parametrize("W,P", [(1, 4), (4, 4), (64, 16)])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_pack_readback_and_release(device, kit, elem, W, P, shift):
+    gen = torch.Generator().manual_seed(1000 * W + 10 * elem + shift)
+    lay = kit.make_layout(W=W, P=P, elem=elem)
+    H, D = lay.num_kv_heads, lay.head_dim
+    kv = kit.new_arena(lay, device)
+    st = arena_state(kv.view(-1), lay)
+    lengths = [5, 17, 0, 1, 33]
+    slots = torch.tensor([3, 1, 5, 0, 4], dtype=torch.int32, device=device)  # permuted; 0 = pad
+    # scale 200 pushes values past +-448 so FP8 saturation is exercised
+    k, v, flags, cu = make_batch(lengths, H, D, shift, gen, device=device, scale=200.0)
+    layer_pages = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
+    overflow = torch.zeros(1, dtype=torch.int32, device=device)
+    top0 = int(st.free_top[0])
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, layer_pages, overflow)
+    assert int(overflow[0]) == 0
+    taken = 0
+    for b, n in enumerate(lengths):
+        s, a = int(slots[b]), int(cu[b])
+        if s <= 0:
+            continue
+        row_pages = 0
+        for h in range(H):
+            row_pages += len(check_row(kv, lay, s, h, k, v, flags[a:a + n], a))
+        assert int(layer_pages[s]) == row_pages
+        taken += row_pages
+    assert int(st.free_top[0]) == top0 - taken, "free_top drops by exactly the pages taken"
+    assert int(layer_pages[0]) == 0 and int(st.row_len[0].abs().sum()) == 0, "padding skipped"
+    kit.check_pages_conserved(kv, lay)
+
+    rel = torch.tensor([4, 0, 1, 3, 5], dtype=torch.int32, device=device)  # permuted, padded
+    dms_release(kv, lay, rel, layer_pages)
+    assert int(st.free_top[0]) == top0
+    assert int(st.row_len.abs().sum()) == 0 and int(st.row_npages.abs().sum()) == 0
+    assert int(layer_pages.abs().sum()) == 0
+    kit.check_pages_conserved(kv, lay)
+
+
+def test_pack_noncontiguous_inputs(device, kit):
+    """k/v as strided views of a fused qkv buffer, flags from a wider bool tensor's columns."""
+    gen = torch.Generator().manual_seed(7)
+    lay = kit.make_layout(H=2, D=16, P=4, W=2)
+    kv = kit.new_arena(lay, device)
+    lengths = [9, 4]
+    T, H, D = sum(lengths), 2, 16
+    qkv = torch.randn(T, 3 * H * D, generator=gen).to(torch.bfloat16).to(device)
+    k = qkv[:, H * D:2 * H * D].view(T, H, D)
+    v = qkv[:, 2 * H * D:].view(T, H, D)
+    flags = (torch.rand(T, H, generator=gen) < 0.6).to(device)
+    cu = torch.tensor([0, 9, 13], dtype=torch.int32, device=device)
+    slots = torch.tensor([6, 2], dtype=torch.int32, device=device)
+    lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
+    ov = torch.zeros(1, dtype=torch.int32, device=device)
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov)
+    for b, n in enumerate(lengths):
+        for h in range(H):
+            check_row(kv, lay, int(slots[b]), h, k, v, flags[int(cu[b]):int(cu[b]) + n], int(cu[b]))
+
+
+def test_pack_overflow(device, kit):
+    """A row that does not fit sets overflow, takes nothing and writes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    lay = kit.make_layout(H=2, D=16, P=4, W=1, num_blocks=1)
+    while lay.num_data_blocks != 2:  # the state region depends weakly on num_blocks
+        lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 2})
+    kv = kit.new_arena(lay, device)
+    st = arena_state(kv.view(-1), lay)
+    free0 = int(st.free_top[0])  # 2 blocks * 2 heads = 4 sub-pages of 4 slots
+    # request 0 (slot 2) needs 2 pages per head (fits); request 1 (slot 1) needs 5 per head
+    lengths = [6, 20]
+    k, v, _, cu = make_batch(lengths, 2, 16, 0, gen, device=device)
+    flags = torch.zeros(sum(lengths), 2, dtype=torch.bool, device=device)  # keep everything
+    slots = torch.tensor([2, 1], dtype=torch.int32, device=device)
+    lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
+    ov = torch.zeros(1, dtype=torch.int32, device=device)
+    before = kv.clone()
+    dms_prefill_pack(kv, lay, k[6:], v[6:], flags[6:], cu[1:] - 6, slots[1:], lp, ov)
+    assert int(ov[0]) == 1
+    assert torch.equal(kv, before), "nothing written for an overflowing row"
+    ov.zero_()
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov)
+    assert int(ov[0]) == 1 and int(st.free_top[0]) == free0 - 4
+    assert st.row_len[1].tolist() == [0, 0] and int(lp[1]) == 0
+    for h in range(2):
+        check_row(kv, lay, 2, h, k, v, flags[:6], 0)
+    kit.check_pages_conserved(kv, lay)
+
+
+def test_arena_kernels_compile_sm90(compile_sm90):
+    ptr = {"data": "*u8", "k_ptr": "*bf16", "v_ptr": "*bf16", "flags": "*u8", "dec": "*u8"}
+    specs = []
+    for P, D, E in [(16, 128, 1), (16, 64, 2), (16, 96, 1)]:
+        specs.append((AO, "_pack_kernel", dict(ptr), dict(P=P, D=D, ELEM=E, BLOCK_T=64,
+                                                    BLOCK_D=triton_np2(D), BLOCK_PG=64)))
+        for shift in (0, 1):
+            specs.append((AO, "_decode_store_kernel", dict(ptr),
+                          dict(SHIFT=shift, P=P, D=D, ELEM=E, BLOCK_D=triton_np2(D))))
+    specs.append((AO, "_release_kernel", {}, dict(BLOCK_PG=64)))
+    for s in specs:  # every pointer arg not named above is an int32 array
+        s[2].update({a: "*i32" for a in ("free_top free_stack row_len row_npages ring row_pages "
+                                         "cu slots layer_pages overflow pos").split()})
+    compile_sm90(specs)
+
+
+def triton_np2(x: int) -> int:
+    return 1 << (x - 1).bit_length()

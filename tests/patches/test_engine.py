@@ -1,0 +1,247 @@
+"""The startup validator (EngineArgs.create_engine_config wrapper) on vLLM's CPU platform.
+
+All scenarios run in two fresh interpreters started in parallel: one with the plugin loaded
+through its entry point, one with VLLM_PLUGINS excluding it (stock vLLM, for the "untouched"
+comparison). Each scenario builds a real VllmConfig from a local fixture checkpoint.
+
+Minimal test-only patches, both inside the subprocess:
+* vLLM's CPU platform is set in-process (this machine's CUDA wheel resolves no platform).
+* DMSLlama/DMSQwen3ForCausalLM are pointed at vLLM's stock Llama/Qwen3 classes: ModelConfig
+  inspects the routed class (in a registry subprocess); the real DMS model modules belong to
+  the models work and are not what this test checks (config plumbing only).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
+RESULT = "DMS_TEST_RESULT="
+NV, FAST, PLAIN = (os.path.join(FIX, n) for n in
+                   ("ckpt_nvidia_qwen3", "ckpt_fastdms_llama", "ckpt_plain_qwen3"))
+DMS = dict(kv_cache_dtype="dms_fp8")
+
+# name -> EngineArgs kwargs (skip_tokenizer_init=True is added to all).
+SCENARIOS = {
+    "plain_auto": dict(model=PLAIN),
+    "plain_fp8": dict(model=PLAIN, kv_cache_dtype="fp8"),
+    "nvidia": dict(model=NV, **DMS),
+    "fastdms": dict(model=FAST, **DMS),
+    "long_ctx": dict(model=NV, hf_overrides={"max_position_embeddings": 32768}, **DMS),
+    "explicit_off": dict(model=NV, enable_prefix_caching=False, enable_chunked_prefill=False,
+                         async_scheduling=False, attention_backend="CUSTOM",
+                         max_num_batched_tokens=4096, **DMS),
+    "prefix_caching": dict(model=NV, enable_prefix_caching=True, **DMS),
+    "chunked_prefill": dict(model=NV, enable_chunked_prefill=True, **DMS),
+    "async": dict(model=NV, async_scheduling=True, **DMS),
+    "tp2": dict(model=NV, tensor_parallel_size=2, **DMS),
+    "pp2": dict(model=NV, pipeline_parallel_size=2, **DMS),
+    "dp2": dict(model=NV, data_parallel_size=2, **DMS),
+    "spec": dict(model=NV, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                               "prompt_lookup_max": 3}, **DMS),
+    "spec_method": dict(model=NV, spec_method="ngram", **DMS),
+    "other_backend": dict(model=NV, attention_backend="FLASH_ATTN", **DMS),
+    "skip_layers": dict(model=NV, kv_cache_dtype_skip_layers=["0"], **DMS),
+    "offload": dict(model=NV, kv_offloading_size=1.0, **DMS),
+    "scheduler_cls": dict(model=NV, scheduler_cls="my.Scheduler", **DMS),
+    "small_budget": dict(model=NV, max_num_batched_tokens=512, max_model_len=1024, **DMS),
+    "no_dms_fields": dict(model=PLAIN, **DMS),
+    "separate_alpha": dict(model=os.path.join(FIX, "ckpt_separate_alpha"), **DMS),
+    "hub_id": dict(model="Qwen/Qwen3-0.6B", **DMS),
+    "dms_ckpt_auto": dict(model=NV),
+}
+
+RUNNER = """
+import json, logging, sys
+import vllm.platforms as p
+from vllm.platforms.cpu import CpuPlatform
+p._current_platform = CpuPlatform()
+import vllm.plugins
+vllm.plugins.load_general_plugins()
+from vllm import ModelRegistry
+if "vllm_dms" in sys.modules:
+    ModelRegistry.register_model("DMSQwen3ForCausalLM", "vllm.model_executor.models.qwen3:Qwen3ForCausalLM")
+    ModelRegistry.register_model("DMSLlamaForCausalLM", "vllm.model_executor.models.llama:LlamaForCausalLM")
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.config.kv_transfer import KVTransferConfig
+
+class Grab(logging.Handler):
+    records = []
+    def emit(self, record):
+        Grab.records.append(record.getMessage())
+logging.getLogger("vllm.dms").addHandler(Grab())
+
+def summary(c):
+    return dict(
+        cache=repr(c.cache_config), sched=repr(c.scheduler_config), attn=repr(c.attention_config),
+        archs=c.model_config.architectures, hf_archs=c.model_config.hf_config.architectures,
+        hf_overrides=repr(c.model_config.hf_overrides), max_model_len=c.model_config.max_model_len,
+        parallel=repr(c.parallel_config.world_size), hash=c.compute_hash(),
+        backend=str(c.attention_config.backend), prefix=c.cache_config.enable_prefix_caching,
+        chunked=c.scheduler_config.enable_chunked_prefill,
+        async_=c.scheduler_config.async_scheduling, sched_cls=c.scheduler_config.scheduler_cls,
+        mnbt=c.scheduler_config.max_num_batched_tokens, dtype=c.cache_config.cache_dtype)
+
+def attempt(make):
+    Grab.records.clear()
+    try:
+        res = {"ok": summary(make().create_engine_config())}
+    except Exception as e:  # the test reports what was raised
+        res = {"error": type(e).__name__, "msg": str(e)}
+    res["logs"] = list(Grab.records)
+    return res
+
+scenarios, with_cli = json.loads(sys.argv[1]), sys.argv[2] == "1"
+out = {n: attempt(lambda: EngineArgs(skip_tokenizer_init=True, **kw)) for n, kw in scenarios.items()}
+out["kv_transfer"] = attempt(lambda: EngineArgs(
+    model=scenarios["nvidia"]["model"], skip_tokenizer_init=True, kv_cache_dtype="dms_fp8",
+    kv_transfer_config=KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")))
+out["callable_overrides"] = attempt(lambda: EngineArgs(
+    model=scenarios["nvidia"]["model"], skip_tokenizer_init=True, kv_cache_dtype="dms_fp8",
+    hf_overrides=lambda cfg: cfg))
+if with_cli:  # the `vllm serve` parser's defaults must read as "not requested"
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    parser = make_arg_parser(FlexibleArgumentParser())
+    base = [scenarios["nvidia"]["model"], "--kv-cache-dtype", "dms_fp8", "--skip-tokenizer-init"]
+    def cli(*extra):
+        a = parser.parse_args(base + list(extra))
+        a.model = a.model_tag
+        return AsyncEngineArgs.from_cli_args(a)
+    out["cli_default"] = attempt(lambda: cli())
+    out["cli_prefix"] = attempt(lambda: cli("--enable-prefix-caching"))
+    out["cli_no_prefix"] = attempt(lambda: cli("--no-enable-prefix-caching"))
+    out["cli_tp2"] = attempt(lambda: cli("--tensor-parallel-size", "2"))
+    out["cli_async"] = attempt(lambda: cli("--async-scheduling"))
+print(%r + json.dumps(out), flush=True)
+""" % RESULT
+
+
+def _start(scenarios, with_cli, plugins):
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="INFO")
+    if not plugins:
+        env["VLLM_PLUGINS"] = "none_but_stock"
+    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(scenarios),
+                             "1" if with_cli else "0"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _collect(proc):
+    logs, _ = proc.communicate(timeout=300)
+    lines = [ln for ln in logs.splitlines() if ln.startswith(RESULT)]
+    assert proc.returncode == 0 and lines, logs[-4000:]
+    return json.loads(lines[-1][len(RESULT):])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    stock_scen = {k: SCENARIOS[k] for k in ("plain_auto", "plain_fp8", "nvidia", "dms_ckpt_auto")}
+    plugin, stock = _start(SCENARIOS, True, True), _start(stock_scen, False, False)
+    return _collect(plugin), _collect(stock)
+
+
+def ok(res):
+    assert "ok" in res, res
+    return res["ok"]
+
+
+def test_dms_fp8_config(runs):
+    for name, arch in (("nvidia", "DMSQwen3ForCausalLM"), ("fastdms", "DMSLlamaForCausalLM")):
+        c = ok(runs[0][name])
+        assert c["dtype"] == "dms_fp8"
+        assert c["backend"] == "AttentionBackendEnum.CUSTOM"
+        assert c["prefix"] is False and c["chunked"] is False and c["async_"] is False
+        assert c["sched_cls"] == "vllm_dms.scheduler.DMSScheduler"
+        assert c["archs"] == [arch] and c["hf_archs"] == [arch]
+        assert c["mnbt"] >= c["max_model_len"]
+
+
+def test_one_log_line_names_what_was_switched_off(runs):
+    logs = runs[0]["nvidia"]["logs"]
+    assert len(logs) == 1, logs
+    assert all(s in logs[0] for s in ("prefix caching", "chunked prefill", "async scheduling"))
+    assert "switched off" in runs[0]["explicit_off"]["logs"][0]
+    assert runs[0]["explicit_off"]["logs"][0].endswith(": none")
+
+
+def test_token_budget_raised_to_max_model_len_when_default(runs):
+    c = ok(runs[0]["long_ctx"])
+    assert c["max_model_len"] == 32768 and c["mnbt"] >= 32768
+
+
+def test_explicitly_off_is_accepted(runs):
+    c = ok(runs[0]["explicit_off"])
+    assert c["prefix"] is False and c["chunked"] is False and c["mnbt"] == 4096
+
+
+@pytest.mark.parametrize("name, flag", [
+    ("prefix_caching", "--enable-prefix-caching"),
+    ("chunked_prefill", "--enable-chunked-prefill"),
+    ("async", "--async-scheduling"),
+    ("tp2", "--tensor-parallel-size"),
+    ("pp2", "--pipeline-parallel-size"),
+    ("dp2", "--data-parallel-size"),
+    ("spec", "--speculative-config"),
+    ("spec_method", "--spec-method"),
+    ("other_backend", "--attention-backend"),
+    ("skip_layers", "--kv-cache-dtype-skip-layers"),
+    ("offload", "--kv-offloading-size"),
+    ("kv_transfer", "--kv-transfer-config"),
+    ("scheduler_cls", "--scheduler-cls"),
+    ("small_budget", "--max-num-batched-tokens"),
+    ("cli_prefix", "--enable-prefix-caching"),
+    ("cli_tp2", "--tensor-parallel-size"),
+    ("cli_async", "--async-scheduling"),
+])
+def test_explicit_unsupported_flag_rejected(runs, name, flag):
+    res = runs[0][name]
+    assert res.get("error") == "DMSConfigError", res
+    assert res["msg"].startswith(flag) and "dms_fp8" in res["msg"]
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("no_dms_fields", ["dms_window_size", "dms_alpha_scale", "dms_initial_alpha_offset",
+                       "dms_cr", "dms_metadata.json"]),
+    ("separate_alpha", ["dms_separate_alpha"]),
+    ("hub_id", ["Qwen/Qwen3-0.6B", "local checkpoint directory"]),
+])
+def test_bad_checkpoint_rejected_naming_field(runs, name, needles):
+    res = runs[0][name]
+    assert res.get("error") == "DMSConfigError", res
+    assert all(n in res["msg"] for n in needles), res["msg"]
+
+
+def test_serve_cli_defaults_are_not_explicit(runs):
+    for name in ("cli_default", "cli_no_prefix"):
+        c = ok(runs[0][name])
+        assert c["prefix"] is False and c["chunked"] is False and c["async_"] is False
+        assert c["backend"] == "AttentionBackendEnum.CUSTOM"
+
+
+def test_callable_hf_overrides_still_routed(runs):
+    assert ok(runs[0]["callable_overrides"])["hf_archs"] == ["DMSQwen3ForCausalLM"]
+
+
+def test_non_dms_checkpoint_untouched(runs):
+    plugin, stock = runs
+    for name in ("plain_auto", "plain_fp8"):
+        assert ok(plugin[name]) == ok(stock[name])
+        assert plugin[name]["logs"] == []
+
+
+def test_dms_checkpoint_without_dms_fp8_routes_to_no_evict(runs):
+    plugin, stock = runs
+    c, s = ok(plugin["dms_ckpt_auto"]), ok(stock["dms_ckpt_auto"])
+    assert s["archs"] == ["Qwen3ForCausalLM"] and c["archs"] == ["DMSQwen3ForCausalLM"]
+    # Only the model class changes: cache, scheduler and backend stay stock.
+    assert (c["cache"], c["sched"], c["attn"]) == (s["cache"], s["sched"], s["attn"])
+    assert len(plugin["dms_ckpt_auto"]["logs"]) == 1
+    assert "no-evict" in plugin["dms_ckpt_auto"]["logs"][0]
+
+
+def test_stock_vllm_rejects_dms_fp8(runs):
+    assert "cache_dtype" in runs[1]["nvidia"]["msg"]

@@ -1,0 +1,60 @@
+"""`vllm-dms inspect` through the installed console script (a real subprocess)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _script():
+    here = os.path.join(os.path.dirname(sys.executable), "vllm-dms")
+    path = here if os.path.exists(here) else shutil.which("vllm-dms")
+    if path is None:
+        pytest.fail("console script vllm-dms not installed: pip install -e . first")
+    return path
+
+
+def run(*args):
+    return subprocess.run([_script(), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_inspect_nvidia_ok():
+    r = run("inspect", os.path.join(FIX, "ckpt_nvidia_qwen3"))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["arch"], cfg["window"], cfg["decision_shift"]) == ("qwen3", 512, 1)
+
+
+def test_inspect_fastdms_ok():
+    r = run("inspect", os.path.join(FIX, "ckpt_fastdms_llama"))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["arch"], cfg["window"], cfg["decision_shift"]) == ("llama", 256, 0)
+
+
+def test_inspect_hf_overrides():
+    r = run("inspect", os.path.join(FIX, "ckpt_nvidia_qwen3"), "--hf-overrides",
+            '{"dms_decision_shift": 0}')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["decision_shift"] == 0
+
+
+def test_inspect_no_dms_fields_fails_naming_them():
+    r = run("inspect", os.path.join(FIX, "ckpt_plain_qwen3"))
+    assert r.returncode != 0 and r.stdout == ""
+    for field in ("dms_window_size", "dms_alpha_scale", "dms_initial_alpha_offset", "dms_cr"):
+        assert field in r.stderr
+
+
+def test_inspect_separate_alpha_fails_naming_it():
+    r = run("inspect", os.path.join(FIX, "ckpt_separate_alpha"))
+    assert r.returncode != 0 and "dms_separate_alpha" in r.stderr
+
+
+def test_no_subcommand_is_an_error():
+    r = run()
+    assert r.returncode != 0 and "inspect" in r.stderr

@@ -1,0 +1,56 @@
+"""``vllm-dms`` console script. Each subcommand is one ``cmd_*`` function plus one line in
+SUBCOMMANDS; serving itself goes through stock ``vllm serve ... --kv-cache-dtype dms_fp8``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from vllm_dms.config import DMSConfig, DMSConfigError
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the resolved DMSConfig of a local checkpoint as JSON; non-zero if unusable."""
+    try:
+        cfg = DMSConfig.from_checkpoint(args.model_dir, args.hf_overrides)
+    except DMSConfigError as e:  # the message names the missing/unsupported field
+        print(f"vllm-dms inspect: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.summary(), indent=2, sort_keys=True))
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="validate a DMS checkpoint and print its DMSConfig")
+    p.add_argument("model_dir", help="local checkpoint directory (config.json, "
+                   "optionally dms_metadata.json)")
+    p.add_argument("--hf-overrides", default=None, type=json.loads,
+                   help="JSON dict applied over config.json, as vllm's --hf-overrides")
+    p.set_defaults(func=cmd_inspect)
+
+
+# name -> function adding that subcommand's parser (it must set_defaults(func=...)).
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "inspect": _add_inspect,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-dms", description="Tools for serving DMS checkpoints with vLLM "
+        "(serve with: vllm serve MODEL_DIR --kv-cache-dtype dms_fp8)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

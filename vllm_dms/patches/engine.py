@@ -1,0 +1,219 @@
+"""The one startup validator: wraps ``EngineArgs.create_engine_config`` (vllm/engine/arg_utils.py).
+
+It runs in the process that builds the VllmConfig (the API server for ``vllm serve``, the
+user's process for ``vllm.LLM``), before any GPU work, so bad checkpoints and unsupported
+flags fail fast with a message naming the field or flag.
+
+* ``kv_cache_dtype == "dms_fp8"``: DMSConfig from the local checkpoint; architectures routed
+  to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
+  when the user asked for them and switched off (one log line) when merely on by default;
+  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler.
+* other dtypes, checkpoint with DMS fields: routed to the DMS model class (no-evict mode).
+* other dtypes, any other checkpoint: untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vllm_dms import DMS_ARCHITECTURES, DMS_DTYPE, LOGGER_NAME, SCHEDULER_PATH
+from vllm_dms.config import SUPPORTED_ARCHS, DMSConfig, DMSConfigError, has_dms_fields
+from vllm_dms.patches import PatchError, require_params
+
+_EXPECTED_PARAMS = ("self", "usage_context", "headless")
+_CUSTOM = "CUSTOM"
+# (EngineArgs attribute, CLI flag, what it is): each must stay at its default (1) for DMS.
+_PARALLEL = (("tensor_parallel_size", "--tensor-parallel-size", "tensor parallelism"),
+             ("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
+             ("data_parallel_size", "--data-parallel-size", "data parallelism"),
+             ("decode_context_parallel_size", "--decode-context-parallel-size",
+              "decode context parallelism"),
+             ("prefill_context_parallel_size", "--prefill-context-parallel-size",
+              "prefill context parallelism"))
+# (EngineArgs attribute, CLI flag, why): each must be unset (None / empty) for DMS.
+_MUST_BE_UNSET = (
+    ("speculative_config", "--speculative-config", "speculative decoding"),
+    ("spec_method", "--spec-method", "speculative decoding"),
+    ("spec_model", "--spec-model", "speculative decoding"),
+    ("spec_tokens", "--spec-tokens", "speculative decoding"),
+    ("kv_transfer_config", "--kv-transfer-config",
+     "KV connectors (they read dense slot mappings that do not address compact pages)"),
+    ("kv_offloading_size", "--kv-offloading-size", "KV offloading (a KV connector)"),
+    ("kv_cache_dtype_skip_layers", "--kv-cache-dtype-skip-layers",
+     "per-layer dtype skips (every attention layer must use the DMS cache)"),
+)
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger(LOGGER_NAME)
+
+
+def check() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    fn = getattr(EngineArgs.create_engine_config, "__wrapped__",
+                 EngineArgs.create_engine_config)
+    require_params(fn, _EXPECTED_PARAMS, "vllm.engine.arg_utils.EngineArgs.create_engine_config")
+    names = {f for f in EngineArgs.__dataclass_fields__}
+    wanted = {"model", "kv_cache_dtype", "hf_overrides", "attention_backend", "attention_config",
+              "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
+              "max_model_len", "async_scheduling", "scheduler_cls"}
+    wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
+    if missing := sorted(wanted - names):
+        raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "__dms_wrapped__", False):
+        return
+
+    def create_engine_config(self, usage_context=None, headless=False):
+        if self.kv_cache_dtype == DMS_DTYPE:
+            _prepare_dms(self)
+            vllm_config = original(self, usage_context, headless)
+            _finish_dms(vllm_config)
+            return vllm_config
+        _route_no_evict(self)
+        return original(self, usage_context, headless)
+
+    create_engine_config.__wrapped__ = original
+    create_engine_config.__dms_wrapped__ = True
+    create_engine_config.__doc__ = original.__doc__
+    EngineArgs.create_engine_config = create_engine_config
+
+
+# ----------------------------------------------------------------------------- dms_fp8
+def _prepare_dms(args: Any) -> DMSConfig:
+    """Validate and adjust EngineArgs in place before vLLM builds the config."""
+    if not os.path.isdir(args.model):
+        raise DMSConfigError(
+            f"--model {args.model!r}: --kv-cache-dtype {DMS_DTYPE} needs a local checkpoint "
+            "directory (its config.json / dms_metadata.json are validated before start-up); "
+            "download the model and pass its directory")
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
+    dms = DMSConfig.from_checkpoint(args.model, overrides)
+    _reject_unsupported(args)
+    switched_off = []
+    if args.enable_prefix_caching is None:
+        args.enable_prefix_caching = False
+        switched_off.append("prefix caching")
+    if args.enable_chunked_prefill is None:
+        # With chunked prefill off and max_num_batched_tokens unset, vLLM raises the token
+        # budget to >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
+        args.enable_chunked_prefill = False
+        switched_off.append("chunked prefill")
+    if args.async_scheduling is None:
+        args.async_scheduling = False  # the DMS arena needs each step's output before the next
+        switched_off.append("async scheduling")
+    if args.attention_backend is None or _backend_name(args.attention_backend) == "AUTO":
+        if args.attention_config.backend is None:
+            args.attention_backend = _CUSTOM
+    args.hf_overrides = _route(args.hf_overrides, DMS_ARCHITECTURES[dms.arch])
+    _logger().info(
+        "vllm_dms: --kv-cache-dtype %s for %s (%s, window=%d, decision_shift=%d): model %s, "
+        "attention backend %s, scheduler %s; switched off (on by default, unsupported with "
+        "DMS): %s", DMS_DTYPE, args.model, dms.arch, dms.window, dms.decision_shift,
+        DMS_ARCHITECTURES[dms.arch], _CUSTOM, SCHEDULER_PATH, ", ".join(switched_off) or "none")
+    return dms
+
+
+def _reject_unsupported(args: Any) -> None:
+    def reject(flag: str, what: str) -> None:
+        raise DMSConfigError(f"{flag}: {what} is not supported with --kv-cache-dtype "
+                             f"{DMS_DTYPE}; remove {flag} or use another --kv-cache-dtype")
+
+    if args.enable_prefix_caching:
+        reject("--enable-prefix-caching", "prefix caching (compact pages are request-private)")
+    if args.enable_chunked_prefill:
+        reject("--enable-chunked-prefill", "chunked prefill (a prompt must be prefilled in "
+               "one step)")
+    if args.async_scheduling:
+        reject("--async-scheduling", "async scheduling (DMS needs synchronous steps)")
+    for attr, flag, what in _PARALLEL:
+        if (getattr(args, attr) or 1) > 1:
+            reject(flag, f"{what} > 1")
+    for attr, flag, what in _MUST_BE_UNSET:
+        if getattr(args, attr) not in (None, [], {}):
+            reject(flag, what)
+    for flag, backend in (("--attention-backend", args.attention_backend),
+                          ("--attention-config.backend", args.attention_config.backend)):
+        if backend is not None and _backend_name(backend) not in (_CUSTOM, "AUTO"):
+            reject(flag, f"attention backend {_backend_name(backend)} (DMS uses {_CUSTOM})")
+    if args.scheduler_cls is not None and args.scheduler_cls != SCHEDULER_PATH:
+        reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH})")
+    if (args.max_num_batched_tokens is not None and args.max_model_len is not None
+            and args.max_num_batched_tokens < args.max_model_len):
+        reject("--max-num-batched-tokens",
+               f"max_num_batched_tokens={args.max_num_batched_tokens} < max_model_len="
+               f"{args.max_model_len} (chunked prefill is off, so a prompt must fit one step)")
+
+
+def _finish_dms(vllm_config: Any) -> None:
+    """Verify nothing downstream re-enabled a feature, then install the DMS scheduler."""
+    sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
+    backend = vllm_config.attention_config.backend
+    if cc.enable_prefix_caching or sc.enable_chunked_prefill or sc.async_scheduling:
+        raise DMSConfigError(
+            f"vLLM re-enabled a feature DMS cannot serve: enable_prefix_caching="
+            f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}, "
+            f"async_scheduling={sc.async_scheduling}")
+    if backend is None or backend.name != _CUSTOM:
+        raise DMSConfigError(f"attention backend resolved to {backend}, DMS needs {_CUSTOM}")
+    max_len = vllm_config.model_config.max_model_len
+    if sc.max_num_batched_tokens < max_len:
+        raise DMSConfigError(
+            f"--max-num-batched-tokens: max_num_batched_tokens={sc.max_num_batched_tokens} < "
+            f"max_model_len={max_len} (chunked prefill is off with {DMS_DTYPE})")
+    sc.scheduler_cls = SCHEDULER_PATH
+
+
+# ----------------------------------------------------------------------------- other dtypes
+def _route_no_evict(args: Any) -> None:
+    """A DMS checkpoint served without dms_fp8 still needs the DMS model (lane zeroed)."""
+    if not isinstance(args.model, str) or not os.path.isdir(args.model):
+        return
+    if not has_dms_fields(args.model):
+        return
+    arch = _checkpoint_arch(args.model, args.hf_overrides)
+    if arch is None:
+        _logger().warning(
+            "vllm_dms: %s has DMS fields but an architecture DMS does not support; serving it "
+            "as a stock model (DMS lane not zeroed)", args.model)
+        return
+    target = DMS_ARCHITECTURES[arch]
+    args.hf_overrides = _route(args.hf_overrides, target)
+    _logger().info(
+        "vllm_dms: %s is a DMS checkpoint served with --kv-cache-dtype %s: using %s in no-evict "
+        "mode (DMS lane zeroed, no token evicted); pass --kv-cache-dtype %s for the compact "
+        "DMS cache", args.model, args.kv_cache_dtype, target, DMS_DTYPE)
+
+
+def _checkpoint_arch(model_dir: str, hf_overrides: Any) -> str | None:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    if isinstance(hf_overrides, dict):
+        hf.update(hf_overrides)
+    return next((SUPPORTED_ARCHS[a] for a in hf.get("architectures") or []
+                 if a in SUPPORTED_ARCHS), None)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _route(hf_overrides: Any, architecture: str) -> Any:
+    """hf_overrides with architectures set to the DMS class (dict or callable form)."""
+    if callable(hf_overrides):
+        def composed(hf_config):
+            hf_config = hf_overrides(hf_config)
+            hf_config.architectures = [architecture]
+            return hf_config
+        return composed
+    return {**(hf_overrides or {}), "architectures": [architecture]}
+
+
+def _backend_name(backend: Any) -> str:
+    return (backend.name if hasattr(backend, "name") else str(backend)).upper()

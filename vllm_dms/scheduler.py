@@ -1,0 +1,299 @@
+"""DMSScheduler / DMSKVCacheManager: reservation accounting on vLLM's own BlockPool.
+
+The design is in ``vllm_dms.arena`` (module docstring). Scheduler-side contract:
+
+* Blocks ``[1, first_data_block)`` of the pool hold the arena's state region; they are taken off
+  the pool once, at startup, and never returned.
+* Each running request owns ONE visible block id: its slot ``s`` in ``[1, max_num_seqs]``
+  (a ``KVCacheBlock`` fabricated here, never from the pool). The worker sees ``[s]`` when the
+  request is (re)scheduled as new or resumed and no new block ids afterwards.
+* Its reservation is a list of hidden pool blocks, resized on every ``allocate_slots`` to
+  ``layout.reservation_blocks(n, measured)``: grown from the pool (``None`` when it does not
+  fit, so vLLM preempts or blocks the queue exactly as for dense KV) or shrunk (surplus goes back).
+* ``free`` (finish, abort, preemption) returns the hidden blocks and the slot, and queues the slot
+  on ``CHANNEL.release`` for the worker.
+
+Sync scheduling only: the reservation reads the worker's measurement of the previous step
+(``CHANNEL.measured``), which async scheduling would not have yet.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_dms.arena import ArenaLayout
+from vllm_dms.channel import CHANNEL
+from vllm_dms.spec import DMSCompactSpec
+
+logger = init_logger(__name__)
+
+
+def dms_spec_of(kv_cache_config: KVCacheConfig) -> DMSCompactSpec | None:
+    """The DMS spec of a KV cache config, None for a config without DMS layers."""
+    specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+    if not any(isinstance(s, DMSCompactSpec) for s in specs):
+        return None
+    if len(specs) != 1:
+        raise ValueError(f"DMS needs every attention layer on DMSCompactSpec (one KV cache "
+                         f"group); got {len(specs)} groups: {[type(s).__name__ for s in specs]}")
+    return specs[0]
+
+
+class DMSKVCacheManager(KVCacheManager):
+    """KVCacheManager whose blocks are a reservation ledger and whose block ids are slots."""
+
+    def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int, **kwargs: Any):
+        kwargs["enable_caching"] = False  # compact pages are request-private
+        super().__init__(kv_cache_config, **kwargs)
+        spec = dms_spec_of(kv_cache_config)
+        assert spec is not None, "DMSKVCacheManager needs a DMSCompactSpec KV cache config"
+        if kwargs.get("dcp_world_size", 1) > 1:
+            raise ValueError("DMS does not support decode context parallelism")
+        if max_num_seqs > spec.dms_max_num_seqs:
+            raise ValueError(f"max_num_seqs={max_num_seqs} exceeds the {spec.dms_max_num_seqs} "
+                             f"slots the DMS state region was sized for (DMSCompactSpec)")
+        group = kv_cache_config.kv_cache_groups[0]
+        self.layout = ArenaLayout(
+            num_layers=len(group.layer_names), num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_size, block_size=spec.block_size, window=spec.dms_window,
+            max_num_seqs=spec.dms_max_num_seqs, max_model_len=self.max_model_len,
+            num_blocks=kv_cache_config.num_blocks, elem_bytes=spec.dms_elem_bytes)
+        self.layout.validate()
+        assert self.layout.page_bytes == spec.page_size_bytes, (self.layout, spec)
+
+        # The state region, for good. A fresh pool hands out ids in order after the null block 0.
+        first = self.layout.first_data_block
+        self.state_blocks = self.block_pool.get_new_blocks(first - 1)
+        ids = [b.block_id for b in self.state_blocks]
+        if ids != list(range(1, first)):
+            raise RuntimeError(f"DMS state region must be blocks [1, {first}), pool gave {ids[:8]}")
+        self.num_usable = self.block_pool.get_num_free_blocks()
+        assert self.num_usable == self.layout.num_data_blocks
+
+        self.max_num_seqs = max_num_seqs
+        self._free_slots = list(range(1, max_num_seqs + 1))  # a sorted list is a valid heap
+        # Fabricated once per slot; never enter the pool, only their block_id is read.
+        self._slot_blocks = [KVCacheBlocks(((KVCacheBlock(s),),))
+                             for s in range(max_num_seqs + 1)]
+        self._slot_of: dict[str, int] = {}
+        self._held: dict[str, list[KVCacheBlock]] = {}
+        self.num_held = 0
+        CHANNEL.ensure(self.layout.num_slots)
+
+        if self.num_usable < self.layout.max_request_blocks():
+            logger.warning(
+                "DMS arena: %d data blocks (%d of %d blocks hold the state region) cannot hold "
+                "one unmeasured max_model_len=%d request (%d blocks); requests longer than %d "
+                "tokens will be refused", self.num_usable, first, self.layout.num_blocks,
+                self.max_model_len, self.layout.max_request_blocks(),
+                self.num_usable * self.layout.block_size)
+
+    # ------------------------------------------------------------------ admission
+    def refusal(self, request: Request) -> str | None:
+        """Why a request can never be served (its unmeasured worst case exceeds the arena)."""
+        n = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+        need = self.layout.reservation_blocks(n)
+        if need <= self.num_usable:
+            return None
+        P = self.layout.block_size
+        return (f"DMS request {request.request_id} can never fit: prompt {request.num_prompt_tokens}"
+                f" + max_tokens {request.max_tokens} = {n} tokens (capped at max_model_len "
+                f"{self.max_model_len}) needs {need} blocks of {P} tokens before any compression "
+                f"is measured, but the arena has {self.num_usable} data blocks "
+                f"({self.layout.num_blocks} blocks minus {self.layout.first_data_block} for the "
+                f"state region), i.e. at most {self.num_usable * P} tokens per request")
+
+    def _measured(self, request: Request, slot: int | None) -> tuple[int, int] | None:
+        if slot is None:
+            return None
+        row = CHANNEL.read(slot)
+        # Trust the worker only about the exact state the scheduler is extending.
+        if row is None or row[0] != request.num_computed_tokens:
+            return None
+        return row
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       num_new_computed_tokens: int = 0,
+                       new_computed_blocks: KVCacheBlocks | None = None,
+                       num_lookahead_tokens: int = 0, num_external_computed_tokens: int = 0,
+                       delay_cache_blocks: bool = False, num_encoder_tokens: int = 0,
+                       full_sequence_must_fit: bool = False, reserved_blocks: int = 0,
+                       has_scheduled_reqs: bool = True) -> KVCacheBlocks | None:
+        if (num_new_computed_tokens or num_external_computed_tokens or num_encoder_tokens
+                or (new_computed_blocks is not None and any(new_computed_blocks.blocks))):
+            raise NotImplementedError("DMS arena: prefix-cache hits, KV-connector loads and "
+                                      "encoder tokens are not supported")
+        if num_new_tokens <= 0:
+            raise ValueError("num_new_tokens must be greater than 0")
+        rid = request.request_id
+        slot = self._slot_of.get(rid)
+        held = self._held.get(rid, [])
+        free = self.block_pool.get_num_free_blocks()
+        # Same watermark rule as the stock manager: only for admissions next to running work.
+        watermark = self.watermark_blocks if has_scheduled_reqs and request.status in (
+            RequestStatus.WAITING, RequestStatus.PREEMPTED) else 0
+
+        if full_sequence_must_fit:
+            # Whole known sequence, unmeasured; capped so a resumed request can always re-enter.
+            full = self.layout.reservation_blocks(min(request.num_tokens, self.max_model_len))
+            if max(0, min(full, self.num_usable) - len(held)) + watermark > free:
+                return None
+
+        n = min(request.num_computed_tokens + num_new_tokens + num_lookahead_tokens,
+                self.max_model_len)
+        need = self.layout.reservation_blocks(n, self._measured(request, slot))
+        grow = need - len(held)
+        if max(0, grow) + watermark > free - reserved_blocks:
+            return None
+        new = slot is None
+        if new:
+            if not self._free_slots:
+                return None  # unreachable while len(running) <= max_num_seqs
+            slot = heapq.heappop(self._free_slots)
+            self._slot_of[rid] = slot
+            CHANNEL.invalidate(slot)
+        if grow > 0:
+            held.extend(self.block_pool.get_new_blocks(grow))
+        elif grow < 0:
+            surplus = held[need:]
+            del held[need:]
+            self.block_pool.free_blocks(reversed(surplus))
+        self._held[rid] = held
+        self.num_held += grow
+        return self._slot_blocks[slot] if new else self.empty_kv_cache_blocks
+
+    def free(self, request: Request) -> None:
+        rid = request.request_id
+        held = self._held.pop(rid, None)
+        if held:
+            self.block_pool.free_blocks(reversed(held))
+            self.num_held -= len(held)
+        slot = self._slot_of.pop(rid, None)
+        if slot is not None:
+            heapq.heappush(self._free_slots, slot)
+            CHANNEL.invalidate(slot)
+            CHANNEL.release.append(slot)
+
+    def pop_blocks_for_free(self, request: Request) -> list[KVCacheBlock]:
+        raise NotImplementedError("DMS arena: deferred frees (KV connectors) are not supported")
+
+    # ------------------------------------------------------------------ queries
+    def get_blocks(self, request_id: str) -> KVCacheBlocks:
+        slot = self._slot_of.get(request_id)
+        return self.empty_kv_cache_blocks if slot is None else self._slot_blocks[slot]
+
+    def slot_of(self, request_id: str) -> int | None:
+        return self._slot_of.get(request_id)
+
+    def held_blocks(self, request_id: str) -> int:
+        return len(self._held.get(request_id, ()))
+
+    def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int, int]:
+        return self.empty_kv_cache_blocks, 0, 0
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
+        return [0] * self.num_kv_cache_groups
+
+    def estimate_cached_tokens(self, request: Request) -> int:
+        return 0
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        pass
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> bool:
+        # Nothing is cached; like the stock pool, report success only once no request holds KV.
+        ok = self.num_held == 0
+        if ok and self.log_stats and self.prefix_cache_stats is not None:
+            self.prefix_cache_stats.reset = True
+        return ok
+
+    @property
+    def usage(self) -> float:
+        return self.num_held / self.num_usable
+
+    def dms_stats(self) -> dict[str, Any]:
+        """Gauges. live_tokens is None: the worker reports (n_done, pages_max), not live counts."""
+        L, page = self.layout.num_layers, self.layout.page_bytes
+        subpages = 0
+        for rid, slot in self._slot_of.items():
+            row = CHANNEL.read(slot)
+            if row is not None and row[0] >= 0:
+                subpages += row[1]
+        return dict(
+            live_tokens=None,
+            measured_subpages_max=subpages,  # sum over slots of the fullest layer's sub-pages
+            arena_bytes_in_use=(self.layout.first_data_block + self.num_held) * page * L,
+            arena_bytes_total=self.layout.num_blocks * page * L,
+            reserved_blocks=self.num_held,
+            usable_blocks=self.num_usable,
+            state_blocks=self.layout.first_data_block,
+            num_slots_in_use=len(self._slot_of),
+        )
+
+
+class DMSScheduler(Scheduler):
+    """Stock Scheduler; with a DMSCompactSpec KV cache its KVCacheManager is DMSKVCacheManager."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dms: DMSKVCacheManager | None = None
+        self._dms_refused: list[Request] = []
+        if dms_spec_of(self.kv_cache_config) is None:
+            return  # dense model: everything stays stock
+        if self.scheduler_config.async_scheduling:
+            raise ValueError("DMS needs async_scheduling off: reservations read the worker's "
+                             "measurement of the previous step")
+        if self.connector is not None or self.ec_connector is not None:
+            raise ValueError("DMS does not support KV / EC connectors")
+        if self.enable_return_routed_experts:
+            raise ValueError("DMS does not support enable_return_routed_experts")
+        self.dms = DMSKVCacheManager(
+            self.kv_cache_config, max_num_seqs=self.max_num_running_reqs,
+            max_model_len=self.max_model_len, scheduler_block_size=self.block_size,
+            hash_block_size=self.hash_block_size,
+            max_in_flight_tokens=self.vllm_config.max_in_flight_tokens,
+            use_eagle=self.use_eagle, log_stats=self.log_stats,
+            enable_kv_cache_events=self.enable_kv_cache_events,
+            dcp_world_size=self.dcp_world_size, pcp_world_size=1,
+            metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark)
+        self.kv_cache_manager = self.dms
+
+    def add_request(self, request: Request) -> None:
+        reason = None
+        if self.dms is not None and request.request_id not in self.requests:
+            reason = self.dms.refusal(request)
+        super().add_request(request)
+        if reason is not None:
+            # Finish now (it must not block the queue head); the output goes out next step.
+            logger.error(reason)
+            request.stop_reason = reason
+            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
+            self._dms_refused.append(request)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req in self._dms_refused:
+            eco = outputs.get(req.client_index)
+            if eco is None:
+                eco = outputs[req.client_index] = EngineCoreOutputs(outputs=[])
+            eco.outputs.append(EngineCoreOutput(
+                request_id=req.request_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
+                stop_reason=req.stop_reason, events=req.take_events(),
+                trace_headers=req.trace_headers))
+        self._dms_refused.clear()
+        return outputs
+
+    def dms_stats(self) -> dict[str, Any]:
+        return {} if self.dms is None else self.dms.dms_stats()
