@@ -58,3 +58,12 @@ def test_inspect_separate_alpha_fails_naming_it():
 def test_no_subcommand_is_an_error():
     r = run()
     assert r.returncode != 0 and "inspect" in r.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    ci = [ln.strip() for ln in open(os.path.join(root, ".ci", "run"))
+          if ln.strip() and not ln.lstrip().startswith("#")]
+    assert ci[-1] == "python -m pytest -q tests"
+    assert f"```bash\n{ci[-1]}\n```" in readme

@@ -98,7 +98,8 @@ def runner_output(sched, out, token: int = 1) -> ModelRunnerOutput:
 def record(out) -> dict:
     c = out.scheduled_cached_reqs
     rec = {"tokens": sorted(out.num_scheduled_tokens.items()),
-           "new": sorted((r.req_id, r.block_ids) for r in out.scheduled_new_reqs),
+           "new": sorted((r.req_id, r.block_ids, r.num_computed_tokens)
+                          for r in out.scheduled_new_reqs),
            "cached": sorted((rid, c.new_block_ids[i], rid in c.resumed_req_ids)
                             for i, rid in enumerate(c.req_ids)),
            "preempted": sorted(out.preempted_req_ids), "finished": sorted(out.finished_req_ids),
@@ -185,6 +186,10 @@ class SimWorker:
             n = sched.requests[rid].num_computed_tokens
             n_prev, live_prev = self.live[rid]
             assert n_prev == n - k, (rid, n_prev, n, k)
+            # The reservation is exactly the arena's function of what this worker last reported.
+            row = tuple(CHANNEL.measured[self.slot[rid]].tolist())
+            want = self.layout.reservation_blocks(n, row if row[0] == n_prev else None)
+            assert self.mgr.held_blocks(rid) == want, (rid, n, row, want)
             live = self.live_fn(rid, n_prev, live_prev, n)
             self.live[rid] = (n, live)
             pages_max = H * cdiv(live, P)
@@ -339,7 +344,7 @@ def test_parity_with_stock_scheduler_on_dense_spec(dms, tmp_path):
     ours = run_trace(parity_scheduler(sched_mod.DMSScheduler, trace, model), trace)
     plain = run_trace(parity_scheduler(Scheduler, trace, model), trace)
     assert any(s["preempted"] for s in stock["steps"]), "trace must exercise preemption"
-    assert any(any(n[1][0] for n in s["new"]) for s in stock["steps"])
+    assert any(n[2] > 0 for s in stock["steps"] for n in s["new"]), "and prefix-cache hits"
     assert ours == stock["steps"]
     assert plain == stock["steps"]
     print(f"\n[test4] {len(ours)} identical steps, "

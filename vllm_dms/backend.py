@@ -125,8 +125,9 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         from vllm_dms.channel import CHANNEL
         cam = common_attn_metadata
         rt = self._ensure_runtime()
-        if CHANNEL.release:  # free last step's finished/preempted slots before anyone packs
-            freed, CHANNEL.release[:] = list(CHANNEL.release), []
+        rt.check_overflow()
+        freed = CHANNEL.take_release()  # last step's finished/preempted slots, before any pack
+        if freed:
             rt.release(self._kv_layers(), freed)
         nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
         qsl_cpu = cam.query_start_loc_cpu

@@ -23,36 +23,41 @@ INVALID = -1  # n_done of a row that belongs to no measured request
 class DMSChannel:
     def __init__(self) -> None:
         self.release: list[int] = []
-        self.measured: Any = None  # torch.Tensor [S1, 2] int32, allocated by ensure()
+        self._measured: Any = None  # torch.Tensor [S1, 2] int32, allocated by ensure()
+        self._rows: Any = None      # numpy view of it: per-request reads stay ~100 ns
         self.overflow: bool = False
+
+    @property
+    def measured(self) -> Any:
+        """The [S1, 2] tensor; write it in place (no setter: a rebind would orphan readers)."""
+        return self._measured
 
     def ensure(self, num_slots: int) -> Any:
         """Allocate ``measured`` for num_slots (= max_num_seqs + 1) rows; idempotent."""
-        if self.measured is not None:
-            if self.measured.shape[0] != num_slots:
+        if self._measured is not None:
+            if self._measured.shape[0] != num_slots:
                 # Someone may hold a reference to the old tensor; never swap it silently.
-                raise ValueError(f"DMS channel already sized for {self.measured.shape[0]} slots, "
+                raise ValueError(f"DMS channel already sized for {self._measured.shape[0]} slots, "
                                  f"asked for {num_slots}")
-            return self.measured
+            return self._measured
         import torch  # lazy: keep the import of this module free of torch / CUDA init
         pin = torch.cuda.is_available()
         m = torch.empty((num_slots, 2), dtype=torch.int32, pin_memory=pin)
         m[:, 0] = INVALID
         m[:, 1] = 0
-        self.measured = m
+        self._measured, self._rows = m, m.numpy()
         return m
 
     def invalidate(self, slot: int) -> None:
         """Forget the measurement of a slot (it changes owner)."""
-        if self.measured is not None:
-            self.measured[slot, 0] = INVALID
-            self.measured[slot, 1] = 0
+        if self._rows is not None:
+            self._rows[slot] = (INVALID, 0)
 
     def read(self, slot: int) -> tuple[int, int] | None:
-        if self.measured is None:
+        if self._rows is None:
             return None
-        n_done, pages_max = self.measured[slot].tolist()
-        return n_done, pages_max
+        row = self._rows[slot]
+        return int(row[0]), int(row[1])
 
     def take_release(self) -> list[int]:
         """Worker side: drain the freed slots (in the order they were freed)."""
@@ -62,7 +67,7 @@ class DMSChannel:
     def reset(self) -> None:
         """Tests only: forget everything (a new engine in the same process)."""
         self.release = []
-        self.measured = None
+        self._measured = self._rows = None
         self.overflow = False
 
 

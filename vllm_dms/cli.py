@@ -32,8 +32,25 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 # name -> function adding that subcommand's parser (it must set_defaults(func=...)).
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_dms.demo import run_demo
+    run_demo(max_tokens=args.max_tokens, window=args.window, cpu=args.cpu)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="SmolLM2-135M with DMS fields: generate with eviction on "
+                       "(vLLM + dms_fp8 on a GPU, the exact reference on CPU) and print the "
+                       "per-layer compression")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--window", type=int, default=32, help="DMS window W written to the checkpoint")
+    p.add_argument("--cpu", action="store_true", help="use the CPU reference even with a GPU")
+    p.set_defaults(func=cmd_demo)
+
+
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "inspect": _add_inspect,
+    "demo": _add_demo,
 }
 
 

@@ -26,6 +26,8 @@ class DMSRuntime:
         self.slot_ntok = torch.zeros(S1, **i32)         # tokens in the arena per slot
         self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
         self.feedback = torch.zeros(S1, 2, **i32)       # (n_done, pages_max) staged for the host
+        self.overflow_host = torch.zeros(1, dtype=torch.int32,
+                                         pin_memory=torch.cuda.is_available())
         D = layout.head_dim
         self.ws_acc = torch.empty(layout.max_num_seqs, num_q_heads, DECODE_SPLITS, D,
                                   dtype=torch.float32, device=device)
@@ -59,7 +61,16 @@ class DMSRuntime:
         self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
         host = CHANNEL.ensure(self.layout.num_slots)
         host.copy_(self.feedback, non_blocking=True)
-        CHANNEL.overflow_flag.copy_(self.overflow, non_blocking=True)
+        self.overflow_host.copy_(self.overflow, non_blocking=True)
+
+    def check_overflow(self) -> None:
+        """Called before each step: the previous step's copy has landed (sync scheduling)."""
+        if int(self.overflow_host[0]):
+            from vllm_dms.channel import CHANNEL
+            CHANNEL.overflow = True
+            raise RuntimeError("dms_fp8: a kernel found the arena free stack short of what the "
+                               "scheduler's reservation promised (ledger violated); refusing to "
+                               "continue rather than corrupt other requests' KV")
 
 
 _RUNTIME: DMSRuntime | None = None

@@ -103,13 +103,14 @@ class DMSKVCacheManager(KVCacheManager):
         need = self.layout.reservation_blocks(n)
         if need <= self.num_usable:
             return None
-        P = self.layout.block_size
-        return (f"DMS request {request.request_id} can never fit: prompt {request.num_prompt_tokens}"
-                f" + max_tokens {request.max_tokens} = {n} tokens (capped at max_model_len "
-                f"{self.max_model_len}) needs {need} blocks of {P} tokens before any compression "
-                f"is measured, but the arena has {self.num_usable} data blocks "
-                f"({self.layout.num_blocks} blocks minus {self.layout.first_data_block} for the "
-                f"state region), i.e. at most {self.num_usable * P} tokens per request")
+        P, lay = self.layout.block_size, self.layout
+        return (f"DMS request {request.request_id} can never fit: prompt "
+                f"{request.num_prompt_tokens} + max_tokens {request.max_tokens} = {n} tokens "
+                f"(capped at max_model_len {self.max_model_len}) needs {need} blocks of {P} "
+                f"tokens before any compression is measured, but the arena has "
+                f"{self.num_usable} data blocks ({lay.num_blocks} blocks minus "
+                f"{lay.first_data_block} for the state region), i.e. at most "
+                f"{self.num_usable * P} tokens per request")
 
     def _measured(self, request: Request, slot: int | None) -> tuple[int, int] | None:
         if slot is None:

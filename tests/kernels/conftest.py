@@ -88,7 +88,15 @@ def check_pages_conserved(kv, layout):
                                       layout.num_blocks * layout.num_kv_heads))
 
 
+def quantize_like_store(x: torch.Tensor, elem_bytes: int) -> torch.Tensor:
+    """What the arena gives back for x, in fp32: e4m3fn(clamp(x, +-448)) or bf16(x)."""
+    if elem_bytes == 1:
+        return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+    return x.to(torch.bfloat16).float()
+
+
 @pytest.fixture
 def kit() -> types.SimpleNamespace:
     return types.SimpleNamespace(make_layout=make_layout, new_arena=new_arena,
-                                 check_pages_conserved=check_pages_conserved)
+                                 check_pages_conserved=check_pages_conserved,
+                                 quantize_like_store=quantize_like_store)

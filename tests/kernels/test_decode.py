@@ -11,7 +11,7 @@ import torch
 
 from vllm_dms.arena import cdiv
 from vllm_dms.kernels.arena_ops import (arena_read_row, arena_state, dms_decode_store,
-                                        dms_prefill_pack, dms_release, quantize_like_store)
+                                        dms_prefill_pack, dms_release)
 from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
 from vllm_dms.reference import dms_attention_reference, dms_mask, shifted_flags
 
@@ -71,8 +71,8 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
             assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu())), "padding -> 0"
             for j, i in enumerate(dec_rows):
                 done[i] += 1
-                check_step(kv, lay, seq[i], done[i], slot_ids[i], shift, out[j].float().cpu(),
-                           scale, check_rows)
+                check_step(kit, kv, lay, seq[i], done[i], slot_ids[i], shift,
+                           out[j].float().cpu(), scale, check_rows)
         assert int(overflow[0]) == 0
     for i in range(R):  # final footprint accounting
         want = sum(cdiv(int(st.row_len[slot_ids[i], h]), P) for h in range(H))
@@ -84,7 +84,7 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
     assert int(st.free_top[0]) == top0 and int(st.row_len.abs().sum()) == 0
 
 
-def check_step(kv, lay, s, n, slot, shift, got, scale, check_rows):
+def check_step(kit, kv, lay, s, n, slot, shift, got, scale, check_rows):
     """After the query at position n-1: live rows and the attention output vs the reference."""
     W, E = lay.window, lay.elem_bytes
     flags = shifted_flags(s["d"][:n], shift)  # the newest key owns no decision yet under shift 1
@@ -97,20 +97,20 @@ def check_step(kv, lay, s, n, slot, shift, got, scale, check_rows):
             live = mask[h].nonzero().flatten()
             assert sorted(row["pos"].tolist()) == live.tolist(), f"live set h={h} q={n - 1}"
             assert torch.equal(row["flag"], flags[row["pos"], h]), "meta flag bits"
-    kq = quantize_like_store(s["k"][:n].float(), E)
-    vq = quantize_like_store(s["v"][:n].float(), E)
+    kq = kit.quantize_like_store(s["k"][:n].float(), E)
+    vq = kit.quantize_like_store(s["v"][:n].float(), E)
     ref = dms_attention_reference(s["q"][:n], kq, vq, flags, W, scale)[-1]
     err = (got - ref).abs().max().item()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert err <= ATOL and rel < RTOL, f"q={n - 1}: max err {err}, rel {rel}"
 
 
-@pytest.mark.parametrize("elem", [1, 2])
-@pytest.mark.parametrize("W", [1, 4, 16])
+@pytest.mark.parametrize("elem,W", [(1, 1), (1, 4), (1, 16), (2, 4)])  # FP8 store; bf16 store
 @pytest.mark.parametrize("shift", [0, 1])
 def test_decode_simulation(kit, device, elem, W, shift):
+    # W + 6 steps: decode-written tokens leave the window too (reuse of a decoded slot)
     simulate(kit, device, H=2, G=2, D=32, P=4, W=W, shift=shift, elem=elem,
-             prompts=[6, 11, 1], steps=W + 8, slot_ids=[3, 1, 4],
+             prompts=[6, 11, 1], steps=W + 6, slot_ids=[3, 1, 4], num_splits=2,
              seed=100 * W + 10 * elem + shift)
 
 
@@ -148,11 +148,10 @@ def test_decode_overflow(kit, device):
 
 
 def test_decode_compiles_sm90(compile_sm90):
-    ptr = {"q_ptr": "*bf16", "out_ptr": "*bf16", "data": "*u8", "row_len": "*i32",
-           "row_pages": "*i32", "slots": "*i32", "ws_acc": "*fp32", "ws_m": "*fp32",
-           "ws_l": "*fp32", "qk_scale": "fp32"}
+    ptr = {"q_ptr": "*bf16", "out_ptr": "*bf16", "arena": "*i32", "slots": "*i32",
+           "ws_acc": "*fp32", "ws_m": "*fp32", "ws_l": "*fp32", "qk_scale": "fp32"}
     mod, specs = "vllm_dms.kernels.decode", []
-    for G, D, E, bn in [(3, 128, 1, 64), (4, 64, 2, 64), (8, 256, 1, 32), (1, 96, 1, 64)]:
+    for G, D, E, bn in [(3, 128, 1, 64), (4, 96, 2, 64)]:
         specs.append((mod, "_decode_split_kernel", ptr, dict(
             G=G, GP=16, P=16, D=D, ELEM=E, BLOCK_N=bn, BLOCK_D=1 << (D - 1).bit_length(),
             F32=False)))
@@ -177,3 +176,101 @@ def test_decode_gpu_matrix(kit, G, D, W, mode):
         simulate(kit, "cuda", prompts=[1, 1, 1, 1], steps=W + 40, **kw)
     else:
         simulate(kit, "cuda", prompts=[400, 20, 300, 5], steps=30, arrive=[0, 4, 9, 20], **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_capture(kit):
+    """Capture-safety: one decode step (store + attention) is captured once and replayed for
+    every later position; release + pack are captured too and replayed into the same slots."""
+    dev, H, G, D, P, W, shift, steps = "cuda", 2, 4, 128, 16, 16, 1, 30
+    prompts, slot_ids, B = [40, 70], [3, 1], 2
+    gen = torch.Generator().manual_seed(21)
+    lay = kit.make_layout(H=H, D=D, P=P, W=W, S=4, max_len=max(prompts) + steps + 1, elem=1)
+    kv = kit.new_arena(lay, dev)
+    seq = [dict(q=torch.randn(n + steps, H * G, D, generator=gen).to(torch.bfloat16),
+                k=torch.randn(n + steps, H, D, generator=gen).to(torch.bfloat16),
+                v=torch.randn(n + steps, H, D, generator=gen).to(torch.bfloat16),
+                d=torch.rand(n + steps, H, generator=gen) < 0.5) for n in prompts]
+    lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=dev)
+    ov = torch.zeros(1, dtype=torch.int32, device=dev)
+    sl = torch.tensor(slot_ids, dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, prompts[0], sum(prompts)], dtype=torch.int32, device=dev)
+    pk, pv = (torch.cat([x[key][:n] for x, n in zip(seq, prompts)]).to(dev) for key in "kv")
+    pf = torch.cat([shifted_flags(x["d"][:n], shift) for x, n in zip(seq, prompts)]).to(dev)
+    kb, vb, qb = (torch.empty(B, *x, dtype=torch.bfloat16, device=dev)
+                  for x in ((H, D), (H, D), (H * G, D)))
+    db = torch.empty(B, H, dtype=torch.bool, device=dev)
+    pos = torch.empty(B, dtype=torch.int32, device=dev)
+    out = torch.empty(B, H * G, D, dtype=torch.bfloat16, device=dev)
+    ws = decode_workspace(B, H * G, D, 4, dev)
+
+    def pack():
+        dms_release(kv, lay, sl, lp)
+        dms_prefill_pack(kv, lay, pk, pv, pf, cu, sl, lp, ov)
+
+    def step():
+        dms_decode_store(kv, lay, kb, vb, db, pos, sl, shift, lp, ov)
+        dms_decode_attention(qb, kv, lay, sl, D ** -0.5, out, ws.acc, ws.m, ws.l)
+
+    def run_steps(first_graph):
+        for j in range(steps):
+            for b, x in enumerate(seq):
+                p = prompts[b] + j
+                kb[b], vb[b], qb[b], db[b], pos[b] = x["k"][p], x["v"][p], x["q"][p], x["d"][p], p
+            first_graph.replay() if first_graph is not None else step()
+            for b, x in enumerate(seq):
+                check_step(kit, kv, lay, x, prompts[b] + j + 1, slot_ids[b], shift,
+                           out[b].float().cpu(), D ** -0.5, check_rows=False)
+
+    pack()
+    kb.zero_(), vb.zero_(), qb.zero_(), db.zero_(), pos.zero_()
+    torch.cuda.synchronize()
+    g_step, g_pack = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_pack):  # kernels are compiled by the eager pack() above
+        pack()
+    st = arena_state(kv.view(-1), lay)
+    saved = kv.clone(), lp.clone()
+    step()  # compile the decode kernels eagerly, then restore the arena
+    kv.copy_(saved[0]), lp.copy_(saved[1])
+    with torch.cuda.graph(g_step):
+        step()
+    run_steps(g_step)
+    g_pack.replay()  # back to the freshly packed prompts, by graph
+    for x, n, s in zip(seq, prompts, slot_ids):
+        live = dms_mask(shifted_flags(x["d"][:n], shift), W)[:, n - 1].sum(-1)
+        assert st.row_len[s].tolist() == live.tolist()
+    run_steps(g_step)
+    assert int(ov[0]) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_store_overflow_concurrent(kit):
+    """Every row needs a fresh sub-page in the same step but only some are left: each row is
+    appended or untouched, and no sub-page is handed out twice."""
+    dev, S, H, P, n = "cuda", 40, 8, 16, 64
+    lay = kit.make_layout(H=H, D=64, P=P, W=4, S=S, max_len=n + 8)
+    kv = kit.new_arena(lay, dev)
+    st = arena_state(kv.view(-1), lay)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(S * n, H, 64, generator=gen).to(torch.bfloat16).to(dev)
+    flags = torch.zeros(S * n, H, dtype=torch.bool, device=dev)
+    cu = (torch.arange(S + 1, dtype=torch.int32) * n).to(dev)
+    slots = torch.arange(1, S + 1, dtype=torch.int32, device=dev)
+    lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=dev)
+    ov = torch.zeros(1, dtype=torch.int32, device=dev)
+    dms_prefill_pack(kv, lay, k, k, flags, cu, slots, lp, ov)
+    left = int(st.free_top[0])
+    st.free_top[0] = 100  # fewer than the S * H = 320 rows that need one now
+    kd = torch.randn(S, H, 64, generator=gen).to(torch.bfloat16).to(dev)
+    dd = torch.zeros(S, H, dtype=torch.bool, device=dev)
+    pos = torch.full((S,), n, dtype=torch.int32, device=dev)
+    dms_decode_store(kv, lay, kd, kd, dd, pos, slots, 0, lp, ov)
+    assert int(ov[0]) == 1 and int(st.free_top[0]) == 0
+    rl = st.row_len[1:].cpu()
+    assert int((rl == n + 1).sum()) == 100 and int((rl == n).sum()) == S * H - 100
+    hidden = st.free_stack[100:left].clone()  # entries above the lowered top: still free
+    st.free_stack[:left - 100] = hidden
+    st.free_top[0] = left - 100
+    kit.check_pages_conserved(kv, lay)

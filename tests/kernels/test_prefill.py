@@ -67,9 +67,10 @@ def test_prefill_compiles_sm90(compile_sm90):
     ptr = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     ptr.update(flags="*u8", cu="*i32", qk_scale="fp32")
     specs = []
-    for G, D, br, bn in [(3, 128, 64, 64), (4, 64, 64, 64), (1, 128, 64, 64), (8, 256, 64, 32)]:
+    for G, D, br, bn in [(3, 128, 64, 64), (8, 256, 64, 32)]:
         specs.append(("vllm_dms.kernels.prefill", "_prefill_attn_kernel", ptr,
-                      dict(G=G, TM=br // G, D=D, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=D, F32=False)))
+                      dict(G=G, TM=br // G, D=D, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=D, SKIP=True,
+                           F32=False)))
     compile_sm90(specs)
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -48,9 +47,11 @@ SCENARIOS = {
     "offload": dict(model=NV, kv_offloading_size=1.0, **DMS),
     "scheduler_cls": dict(model=NV, scheduler_cls="my.Scheduler", **DMS),
     "small_budget": dict(model=NV, max_num_batched_tokens=512, max_model_len=1024, **DMS),
+    "budget_no_len": dict(model=NV, max_num_batched_tokens=512, **DMS),
     "no_dms_fields": dict(model=PLAIN, **DMS),
     "separate_alpha": dict(model=os.path.join(FIX, "ckpt_separate_alpha"), **DMS),
-    "hub_id": dict(model="Qwen/Qwen3-0.6B", **DMS),
+    # Set after EngineArgs() (offline, __post_init__ would fail resolving an uncached hub id).
+    "hub_id": dict(model=NV, model_after="Qwen/Qwen3-0.6B", **DMS),
     "dms_ckpt_auto": dict(model=NV),
 }
 
@@ -94,8 +95,16 @@ def attempt(make):
     res["logs"] = list(Grab.records)
     return res
 
+def build(kw):
+    kw = dict(kw)
+    after = kw.pop("model_after", None)
+    args = EngineArgs(skip_tokenizer_init=True, **kw)
+    if after:
+        args.model = after
+    return args
+
 scenarios, with_cli = json.loads(sys.argv[1]), sys.argv[2] == "1"
-out = {n: attempt(lambda: EngineArgs(skip_tokenizer_init=True, **kw)) for n, kw in scenarios.items()}
+out = {n: attempt(lambda: build(kw)) for n, kw in scenarios.items()}
 out["kv_transfer"] = attempt(lambda: EngineArgs(
     model=scenarios["nvidia"]["model"], skip_tokenizer_init=True, kv_cache_dtype="dms_fp8",
     kv_transfer_config=KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")))
@@ -165,7 +174,7 @@ def test_one_log_line_names_what_was_switched_off(runs):
     assert len(logs) == 1, logs
     assert all(s in logs[0] for s in ("prefix caching", "chunked prefill", "async scheduling"))
     assert "switched off" in runs[0]["explicit_off"]["logs"][0]
-    assert runs[0]["explicit_off"]["logs"][0].endswith(": none")
+    assert "DMS): none" in runs[0]["explicit_off"]["logs"][0]
 
 
 def test_token_budget_raised_to_max_model_len_when_default(runs):
@@ -245,3 +254,21 @@ def test_dms_checkpoint_without_dms_fp8_routes_to_no_evict(runs):
 
 def test_stock_vllm_rejects_dms_fp8(runs):
     assert "cache_dtype" in runs[1]["nvidia"]["msg"]
+
+
+# ------------------------------------------------------------------ in-process shape checks
+def test_budget_below_max_model_len_without_explicit_len_rejected(runs):
+    # max_model_len is only known inside vLLM here; its own SchedulerConfig check rejects it.
+    res = runs[0]["budget_no_len"]
+    assert "error" in res and "max_num_batched_tokens (512)" in res["msg"], res
+
+
+def test_check_refuses_other_signature(monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm_dms.patches import PatchError, engine
+
+    engine.check()  # the installed vLLM has the expected shape
+    monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self, usage_context: None)
+    with pytest.raises(PatchError, match="create_engine_config"):
+        engine.check()

@@ -7,10 +7,21 @@
 
 All launch wrappers are CUDA-graph safe: no host syncs and no allocation (only tensor views).
 ``arena_read_row`` is a host-side debug/test reader and is not capture safe.
+
+Free-stack protocol. Pops: ``old = atomic_add(free_top[0], -n)``, take free_stack[old-n, old).
+A failed pop (old < n) is not undone in place: undoing races (with two failures in flight, one
+undo lets a concurrent pop succeed below the other's debt, whose undo then frees taken pages).
+It adds n to free_top[1] (debt) instead, and the top stays negative for the rest of the launch,
+so every later pop of that launch fails too. Every program of a popping launch finally counts
+itself in free_top[2]; the last one repays the debt. Between launches words 1 and 2 are 0.
+After an overflow, rows of that launch that would have fitted may also be refused (left empty /
+unchanged); no row is ever half written and no sub-page is handed out twice.
+Pushes (release) are plain atomic_adds and never share a launch with pops.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -20,7 +31,6 @@ import triton.language as tl
 from vllm_dms.arena import ArenaLayout
 
 FLAG_BIT = tl.constexpr(-2147483648)  # bit 31 of the int32 meta word (constexpr: used in jit code)
-FP8_MAX = 448.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +46,9 @@ class ArenaState:
 
 
 def arena_state(kv_layer: torch.Tensor, layout: ArenaLayout) -> ArenaState:
-    assert kv_layer.dtype == torch.uint8, f"kv_layer must be uint8, got {kv_layer.dtype}"
-    assert kv_layer.is_contiguous(), "kv_layer must be contiguous"
-    assert kv_layer.numel() == layout.num_blocks * layout.page_bytes, (
-        f"kv_layer has {kv_layer.numel()} B, layout wants {layout.num_blocks * layout.page_bytes}")
-    assert layout.subpage_bytes % 4 == 0 and layout.elem_bytes in (1, 2)
-    data = kv_layer.view(-1)
-    words = data.view(torch.int32)
+    """Named views of one layer tensor (host-side use: init, tests, debugging)."""
+    words = arena_words(kv_layer, layout).view(-1)
+    data = words.view(torch.uint8)
     offs = layout.state_offsets()
 
     def arr(name: str) -> torch.Tensor:
@@ -51,6 +57,26 @@ def arena_state(kv_layer: torch.Tensor, layout: ArenaLayout) -> ArenaState:
 
     return ArenaState(data, words, arr("free_top"), arr("free_stack"), arr("row_len"),
                       arr("row_npages"), arr("ring"), arr("row_pages"))
+
+
+STATE_ARRAYS = ("free_top", "free_stack", "row_len", "row_npages", "ring", "row_pages")
+
+
+@functools.lru_cache(maxsize=None)
+def state_word_offsets(layout: ArenaLayout) -> tuple[int, ...]:
+    """Word offsets of STATE_ARRAYS (kernels take one int32 base pointer plus these)."""
+    assert layout.elem_bytes in (1, 2) and layout.subpage_bytes % 4 == 0, layout
+    offs = layout.state_offsets()
+    return tuple(offs[n][0] for n in STATE_ARRAYS)
+
+
+def arena_words(kv_layer: torch.Tensor, layout: ArenaLayout) -> torch.Tensor:
+    """Checked int32 view of a layer tensor: one view op, so launch wrappers stay cheap."""
+    assert kv_layer.dtype == torch.uint8 and kv_layer.is_contiguous(), (
+        f"kv_layer must be contiguous uint8, got {kv_layer.dtype}")
+    assert kv_layer.numel() == layout.num_blocks * layout.page_bytes, (
+        f"kv_layer has {kv_layer.numel()} B, layout wants {layout.num_blocks * layout.page_bytes}")
+    return kv_layer.view(torch.int32)
 
 
 def arena_init(kv_layer: torch.Tensor, layout: ArenaLayout) -> None:
@@ -145,10 +171,38 @@ def _write_kv(data, kv_off, page, off, k_ptrs, v_ptrs, mask, P: tl.constexpr, D:
     tl.store(_store_ptr(data + kb + P * D * ELEM, ELEM), _to_store(vx, ELEM), mask=mask)
 
 
+@triton.jit
+def _pop(free_top, n):
+    # Take n entries off the free stack: returns (old top, ok). A failed pop does not undo:
+    # the top stays negative for the rest of the launch, so no later pop can succeed and take
+    # entries that an undo would hand out again; its n goes to the debt word free_top[1].
+    old = tl.atomic_add(free_top, -n)
+    ok = (old >= n) | (n == 0)
+    if ok == 0:
+        tl.atomic_add(free_top + 1, n)
+    return old, ok
+
+
+@triton.jit
+def _settle(free_top, nprog):
+    # Every program of a popping launch ends here; the last one repays the failed pops' debt
+    # (free_top[2] counts finished programs; acq_rel atomics order the debt before the count).
+    done = tl.atomic_add(free_top + 2, 1)
+    if done == nprog - 1:
+        debt = tl.atomic_xchg(free_top + 1, 0)
+        tl.atomic_add(free_top, debt)
+        tl.atomic_xchg(free_top + 2, 0)
+
+
 # ---------------------------------------------------------------------------- release
 @triton.jit
-def _release_kernel(free_top, free_stack, row_len, row_npages, row_pages, slots, layer_pages,
+def _release_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages, slots, layer_pages,
                     H, MAXP, BLOCK_PG: tl.constexpr):
+    free_top = arena + o_top
+    free_stack = arena + o_stack
+    row_len = arena + o_len
+    row_npages = arena + o_npg
+    row_pages = arena + o_pages
     r = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots + r)
@@ -172,23 +226,30 @@ def dms_release(kv_layer: torch.Tensor, layout: ArenaLayout, slots: torch.Tensor
 
     Slots in one call must be distinct.
     """
-    st = arena_state(kv_layer, layout)
+    words = arena_words(kv_layer, layout)
     _check(slots, "slots", torch.int32, (None,), kv_layer.device)
     _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), kv_layer.device)
     if slots.numel() == 0:
         return
     _release_kernel[(slots.numel(), layout.num_kv_heads)](
-        st.free_top, st.free_stack, st.row_len, st.row_npages, st.row_pages, slots, layer_pages,
-        layout.num_kv_heads, layout.max_pages_per_row, BLOCK_PG=64, num_warps=1)
+        words, *state_word_offsets(layout), slots, layer_pages, layout.num_kv_heads,
+        layout.max_pages_per_row, BLOCK_PG=64, num_warps=1)
 
 
 # ---------------------------------------------------------------------------- prefill pack
 @triton.jit
-def _pack_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_pages,
+def _pack_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
                  k_ptr, v_ptr, flags, cu, slots, layer_pages, overflow,
-                 skt, skh, svt, svh, sft, sfh, H, W, MAXP,
+                 skt, skh, svt, svh, sft, sfh, H, W, MAXP, NPROG,
                  P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PG: tl.constexpr):
+    free_top = arena + o_top
+    free_stack = arena + o_stack
+    row_len = arena + o_len
+    row_npages = arena + o_npg
+    ring = arena + o_ring
+    row_pages = arena + o_pages
+    data = arena.to(tl.pointer_type(tl.uint8))
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots + b)
@@ -205,9 +266,11 @@ def _pack_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_page
             keep = valid & ((n - 1 - tk <= W) | (f == 0))
             n_keep += tl.sum(keep.to(tl.int32), 0)
         npg = (n_keep + P - 1) // P
-        old = tl.atomic_add(free_top, -npg)
-        if (old < npg) | (npg > MAXP):
-            tl.atomic_add(free_top, npg)  # undo; the row stays empty
+        old = tl.full((), 0, tl.int32)
+        ok = npg <= MAXP
+        if ok:
+            old, ok = _pop(free_top, npg)
+        if ok == 0:  # the row stays empty
             tl.store(overflow, 1)
         else:
             base_sp = old - npg
@@ -231,7 +294,7 @@ def _pack_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_page
                 keep = in_win | (valid & (f == 0))
                 ki = keep.to(tl.int32)
                 r = rcount + tl.cumsum(ki, 0) - ki
-                # page ids come straight from the popped stack range (row_pages may not be visible yet)
+                # page ids straight from the popped range (row_pages writes may not be visible)
                 page = tl.load(free_stack + base_sp + r // P, mask=keep, other=0)
                 off = r % P
                 m2 = keep[:, None] & dm[None, :]
@@ -245,6 +308,7 @@ def _pack_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_page
             tl.store(row_len + rh, n_keep)
             tl.store(row_npages + rh, npg)
             tl.atomic_add(layer_pages + slot, npg)
+    _settle(free_top, NPROG)
 
 
 def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
@@ -257,7 +321,7 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     key owns); cu_seqlens int32 [B+1]; slots int32 [B] (<=0: skip); layer_pages int32 [S1];
     overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty).
     """
-    st = arena_state(kv_layer, layout)
+    words = arena_words(kv_layer, layout)
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
     T = k.shape[0]
     _check(k, "k", torch.bfloat16, (T, H, D), dev, last_contig=True)
@@ -272,10 +336,9 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
         return
     fl = flags.view(torch.uint8)
     _pack_kernel[(B, H)](
-        st.data, st.free_top, st.free_stack, st.row_len, st.row_npages, st.ring, st.row_pages,
-        k, v, fl, cu_seqlens, slots, layer_pages, overflow,
+        words, *state_word_offsets(layout), k, v, fl, cu_seqlens, slots, layer_pages, overflow,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), fl.stride(0), fl.stride(1),
-        H, layout.window, layout.max_pages_per_row,
+        H, layout.window, layout.max_pages_per_row, B * H,
         P=layout.block_size, D=D, ELEM=layout.elem_bytes,
         BLOCK_T=64 if kv_layer.is_cuda else 16, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_PG=64, num_warps=4)
@@ -283,11 +346,18 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
 
 # ---------------------------------------------------------------------------- decode store
 @triton.jit
-def _decode_store_kernel(data, free_top, free_stack, row_len, row_npages, ring, row_pages,
+def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
                          k_ptr, v_ptr, dec, pos, slots, layer_pages, overflow,
-                         skb, skh, svb, svh, sdb, sdh, H, W, MAXP,
+                         skb, skh, svb, svh, sdb, sdh, H, W, MAXP, NPROG,
                          SHIFT: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                          ELEM: tl.constexpr, BLOCK_D: tl.constexpr):
+    free_top = arena + o_top
+    free_stack = arena + o_stack
+    row_len = arena + o_len
+    row_npages = arena + o_npg
+    ring = arena + o_ring
+    row_pages = arena + o_pages
+    data = arena.to(tl.pointer_type(tl.uint8))
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots + b)
@@ -321,12 +391,11 @@ def _decode_store_kernel(data, free_top, free_stack, row_len, row_npages, ring, 
             if npg >= MAXP:
                 fail += 1
             else:
-                old = tl.atomic_add(free_top, -1)
-                if old < 1:
-                    tl.atomic_add(free_top, 1)  # undo
-                    fail += 1
-                else:
+                old, ok = _pop(free_top, 1)
+                if ok:
                     popped = tl.load(free_stack + old - 1)
+                else:
+                    fail += 1
         if fail != 0:
             tl.store(overflow, 1)
         else:
@@ -346,6 +415,7 @@ def _decode_store_kernel(data, free_top, free_stack, row_len, row_npages, ring, 
             tl.store(_meta_ptr(data, pg_t, off_t, P, D, ELEM), tl.where(own != 0, q | FLAG_BIT, q))
             tl.store(ring_row + q % W1, target)
             tl.store(row_len + rh, tl.where(reuse, ln, ln + 1))
+    _settle(free_top, NPROG)
 
 
 def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
@@ -356,7 +426,7 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token);
     pos int32 [B] (position of the new token); slots int32 [B] (<=0: skip); shift 0 or 1.
     """
-    st = arena_state(kv_layer, layout)
+    words = arena_words(kv_layer, layout)
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
     B = slots.shape[0]
     assert shift in (0, 1), f"shift must be 0 or 1, got {shift!r}"
@@ -371,10 +441,9 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
         return
     dv = dec.view(torch.uint8)
     _decode_store_kernel[(B, H)](
-        st.data, st.free_top, st.free_stack, st.row_len, st.row_npages, st.ring, st.row_pages,
-        k, v, dv, pos, slots, layer_pages, overflow,
+        words, *state_word_offsets(layout), k, v, dv, pos, slots, layer_pages, overflow,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), dv.stride(0), dv.stride(1),
-        H, layout.window, layout.max_pages_per_row,
+        H, layout.window, layout.max_pages_per_row, B * H,
         SHIFT=shift, P=layout.block_size, D=D, ELEM=layout.elem_bytes,
         BLOCK_D=triton.next_power_of_2(D), num_warps=1)
 
@@ -396,32 +465,18 @@ def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None =
 
 
 def arena_read_row(kv_layer: torch.Tensor, layout: ArenaLayout, slot: int, h: int) -> dict:
-    """Decode row (slot, h) on the host: k, v fp32 [L, D], pos int64 [L], flag bool [L], pages.
+    """Row (slot, h) decoded on the host (debug/test aid: copies to the CPU, not capture safe).
 
-    Debug/test aid only (copies to the CPU, not capture safe).
+    Returns k, v fp32 [L, D], pos int64 [L], flag bool [L] in row-slot order, and pages.
     """
     st = arena_state(kv_layer, layout)
     P, D, E = layout.block_size, layout.head_dim, layout.elem_bytes
-    n = int(st.row_len[slot, h])
-    pages = st.row_pages[slot, h, :int(st.row_npages[slot, h])].cpu().tolist()
-    data = st.data.cpu()
-    sdt = torch.float8_e4m3fn if E == 1 else torch.bfloat16
-    ks, vs, metas = [], [], []
-    for r in range(n):
-        base = pages[r // P] * layout.subpage_bytes
-        kb = base + (r % P) * D * E
-        ks.append(data[kb:kb + D * E].view(sdt).float())
-        vs.append(data[kb + P * D * E:kb + P * D * E + D * E].view(sdt).float())
-        mb = base + 2 * P * D * E + (r % P) * 4
-        metas.append(int(data[mb:mb + 4].view(torch.int32)))
-    meta = torch.tensor(metas, dtype=torch.int64)
-    return dict(k=torch.stack(ks) if ks else torch.zeros(0, D),
-                v=torch.stack(vs) if vs else torch.zeros(0, D),
-                pos=meta & 0x7FFFFFFF, flag=(meta >> 31) & 1 == 1, pages=pages)
-
-
-def quantize_like_store(x: torch.Tensor, elem_bytes: int) -> torch.Tensor:
-    """What the arena returns for x (fp32): FP8 e4m3 round trip (scale 1, saturating) or bf16."""
-    if elem_bytes == 1:
-        return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    return x.to(torch.bfloat16).float()
+    pages = st.row_pages[slot, h, :int(st.row_npages[slot, h])].cpu().long()
+    r = torch.arange(int(st.row_len[slot, h]))
+    base, off = pages[r // P] * layout.subpage_bytes, r % P
+    data, sdt = st.data.cpu(), (torch.float8_e4m3fn if E == 1 else torch.bfloat16)
+    kidx = (base + off * D * E)[:, None] + torch.arange(D * E)
+    midx = (base + 2 * P * D * E + off * 4)[:, None] + torch.arange(4)
+    meta = data[midx].view(torch.int32)[:, 0].long()
+    return dict(k=data[kidx].view(sdt).float(), v=data[kidx + P * D * E].view(sdt).float(),
+                pos=meta & 0x7FFFFFFF, flag=meta < 0, pages=pages.tolist())

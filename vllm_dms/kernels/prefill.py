@@ -3,8 +3,9 @@
 Mask (per kv head h): key k is visible to query t iff k <= t and (t - k <= W or not f[k, h]).
 The G = Hq / H query heads of group h share that mask and kv head h, so one program packs
 ``BLOCK_R // G`` tokens x G heads into the rows of one tile and loads each K/V tile once.
-Online softmax in fp32 (base 2), bf16 in and out. Key tiles that no query of the tile can see
-(every key flagged and the whole tile behind the window) are skipped.
+Online softmax in fp32 (base 2), bf16 in and out. Key tiles wholly behind every row's window
+need only the flag mask (and are skipped when every key is flagged); only tiles near the
+diagonal pay for the causal + window mask.
 """
 from __future__ import annotations
 
@@ -18,11 +19,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
+    # one key tile of the online softmax (base 2); vis broadcasts to [BLOCK_R, BLOCK_N]
+    s = tl.where(vis, _dot(q, tl.trans(kx), F32) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p, vx, F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
                          sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
                          G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         F32: tl.constexpr):
+                         SKIP: tl.constexpr, F32: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -44,29 +57,33 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         m_hi = tl.minimum(m_lo + TM, n)  # exclusive: causal bound of the tile
         nn = tl.arange(0, BLOCK_N)
-        for n0 in range(0, m_hi, BLOCK_N):
+        kbase = k_ptr + h * skh + dd[None, :]
+        vbase = v_ptr + h * svh + dd[None, :]
+        # far tiles: every key is causal and out of every row's window: only flags mask
+        far_end = tl.maximum(m_lo - W, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(0, far_end, BLOCK_N):
+            ktok = (start + n0 + nn).to(tl.int64)
+            f = tl.load(flags + ktok * sft + h * sfh)
+            live = True
+            if SKIP:  # an all-flagged far tile is invisible to the whole tile
+                live = tl.sum((f == 0).to(tl.int32), 0) > 0
+            if live:
+                kx = tl.load(kbase + ktok[:, None] * skt, mask=dm[None, :], other=0.0)
+                vx = tl.load(vbase + ktok[:, None] * svt, mask=dm[None, :], other=0.0)
+                m_i, l_i, acc = _online_step(q, kx, vx, (f == 0)[None, :], m_i, l_i, acc,
+                                             qk_scale, F32)
+        # near tiles: causal + window + flags
+        for n0 in range(far_end, m_hi, BLOCK_N):
             kk = n0 + nn
             k_ok = kk < m_hi
             ktok = (start + kk).to(tl.int64)
             f = tl.load(flags + ktok * sft + h * sfh, mask=k_ok, other=1)
-            # any key of the tile still visible to some query of the tile?
-            near = m_lo - (n0 + BLOCK_N - 1) <= W
-            n_unflagged = tl.sum((k_ok & (f == 0)).to(tl.int32), 0)
-            if near | (n_unflagged > 0):
-                kx = tl.load(k_ptr + ktok[:, None] * skt + h * skh + dd[None, :],
-                             mask=k_ok[:, None] & dm[None, :], other=0.0)
-                s = _dot(q, tl.trans(kx), F32) * qk_scale
-                vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
-                    (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vx = tl.load(v_ptr + ktok[:, None] * svt + h * svh + dd[None, :],
-                             mask=k_ok[:, None] & dm[None, :], other=0.0)
-                acc = acc * alpha[:, None] + _dot(p, vx, F32)
-                m_i = m_new
+            km = k_ok[:, None] & dm[None, :]
+            kx = tl.load(kbase + ktok[:, None] * skt, mask=km, other=0.0)
+            vx = tl.load(vbase + ktok[:, None] * svt, mask=km, other=0.0)
+            vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
+                (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
+            m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
@@ -98,7 +115,8 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
     if B <= 0 or T == 0 or max_seqlen <= 0:
         return
     if q.is_cuda:
-        block_r, block_n, warps = (64, 64, 4) if D <= 128 else (64, 32, 8)
+        # H200, D=128, G=4, 8k tokens: 128x128/8 warps 2.05 ms, 64x64/4 warps 2.31 ms
+        block_r, block_n, warps = (128, 128, 8) if D <= 128 else (64, 64, 8)
     else:  # interpreter: small tiles keep numpy fast
         block_r, block_n, warps = 16, 16, 4
     block_r = max(block_r, triton.next_power_of_2(G))
@@ -110,4 +128,4 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        SKIP=True, F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)

@@ -6,9 +6,16 @@ the few weights that make its decisions text-dependent. Inert for every other mo
 """
 from __future__ import annotations
 
-import inspect
-
 _MARK = "_vllm_dms_wrapped"
+
+
+def check() -> None:
+    from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+    from vllm_dms.patches import require_params
+    orig = DummyModelLoader.load_weights
+    if not getattr(orig, _MARK, False):
+        require_params(orig, ("self", "model", "model_config"), "DummyModelLoader.load_weights")
 
 
 def apply() -> None:
@@ -16,10 +23,6 @@ def apply() -> None:
     orig = DummyModelLoader.load_weights
     if getattr(orig, _MARK, False):
         return
-    params = list(inspect.signature(orig).parameters)
-    if params[:3] != ["self", "model", "model_config"]:
-        raise RuntimeError(f"vllm_dms: DummyModelLoader.load_weights{params} changed; "
-                           "this vLLM is not the 0.26.0 the plugin was built for")
 
     def load_weights(self, model, model_config):
         orig(self, model, model_config)

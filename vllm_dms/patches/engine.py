@@ -45,6 +45,9 @@ _MUST_BE_UNSET = (
 )
 
 
+DMS_BLOCK_SIZE = 64  # default --block-size with dms_fp8 (any multiple of 16 works)
+
+
 def _logger():
     from vllm.logger import init_logger
 
@@ -60,7 +63,7 @@ def check() -> None:
     names = {f for f in EngineArgs.__dataclass_fields__}
     wanted = {"model", "kv_cache_dtype", "hf_overrides", "attention_backend", "attention_config",
               "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
-              "max_model_len", "async_scheduling", "scheduler_cls"}
+              "max_model_len", "async_scheduling", "scheduler_cls", "block_size"}
     wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
@@ -111,6 +114,8 @@ def _prepare_dms(args: Any) -> DMSConfig:
     if args.async_scheduling is None:
         args.async_scheduling = False  # the DMS arena needs each step's output before the next
         switched_off.append("async scheduling")
+    if args.block_size is None:
+        args.block_size = DMS_BLOCK_SIZE  # slots per arena sub-page: one decode tile
     if args.attention_backend is None or _backend_name(args.attention_backend) == "AUTO":
         if args.attention_config.backend is None:
             args.attention_backend = _CUSTOM
@@ -118,7 +123,8 @@ def _prepare_dms(args: Any) -> DMSConfig:
     _logger().info(
         "vllm_dms: --kv-cache-dtype %s for %s (%s, window=%d, decision_shift=%d): model %s, "
         "attention backend %s, scheduler %s; switched off (on by default, unsupported with "
-        "DMS): %s", DMS_DTYPE, args.model, dms.arch, dms.window, dms.decision_shift,
+        "DMS): %s (vLLM's warning about disabling chunked prefill is expected)",
+        DMS_DTYPE, args.model, dms.arch, dms.window, dms.decision_shift,
         DMS_ARCHITECTURES[dms.arch], _CUSTOM, SCHEDULER_PATH, ", ".join(switched_off) or "none")
     return dms
 
