@@ -421,10 +421,15 @@ def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
 def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
                      v: torch.Tensor, dec: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
                      shift: int, layer_pages: torch.Tensor, overflow: torch.Tensor) -> None:
-    """One exact DMS decode step per (request, kv head); see the module docstring of arena.py.
+    """One exact DMS decode step per (request, kv head) at query position q = pos[b]:
+    (a) shift 1: token q-1 gets flag dec; (b) token q-W-1 leaves the window: its row slot is
+    reused iff it is flagged, else the token is appended (popping a sub-page when the row is
+    full); (c) K, V, meta (q | (shift 0 ? dec : 0) << 31) and ring[q % (W+1)] are written.
 
     k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token);
-    pos int32 [B] (position of the new token); slots int32 [B] (<=0: skip); shift 0 or 1.
+    pos int32 [B]; slots int32 [B] (<=0: skip); shift 0 or 1; layer_pages int32 [S1];
+    overflow int32 [1]: set when a row needs a sub-page it cannot get; that row's new token is
+    then not stored (step (a) has still been applied).
     """
     words = arena_words(kv_layer, layout)
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim

@@ -249,7 +249,7 @@ def compression_target(step: int, steps: int, cr: float, ramp_frac: float) -> fl
 
 # ------------------------------------------------------------------ the recipe
 def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 16,
-          steps: int = 400, seq_len: int = 1024, batch: int = 16, lr: float = 2e-3,
+          steps: int = 1000, seq_len: int = 1024, batch: int = 16, lr: float = 2e-3,
           device: str = "cuda", log_path: str | None = None, tau: float = 0.1,
           ramp_frac: float = 0.6, comp_weight: float = 1.0, rows: str = "heads",
           init: str = "zero", rest_lr_scale: float = 0.05, seed: int = 0,
@@ -258,6 +258,8 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 16
           model=None, tokenizer=None, stream: torch.Tensor | None = None) -> dict:
     """Train a DMS delta from base_dir; writes out_dir/dms_delta.safetensors and a JSONL log.
 
+    Defaults are the one-H200 recipe: 1000 steps x 16 x 1024 tokens, measured at 0.27 s/step
+    for the SmolLM2-135M shape in bf16 (about 5 minutes, 39 GB peak).
     model / tokenizer / stream may be passed in (tests; base_dir None then skips the delta).
     bf16 (default: on for CUDA) runs the frozen model in bf16. Returns a summary dict (the log's
     last line) plus "state": the trained q_proj tensors.
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="smollm2", help="base checkpoint dir, or 'smollm2'")
     p.add_argument("--out", required=True, help="output folder (delta + log)")
     p.add_argument("--build", default=None, help="also build the DMS checkpoint into this dir")
-    for name, typ, default in (("cr", float, 8), ("window", int, 16), ("steps", int, 400),
+    for name, typ, default in (("cr", float, 8), ("window", int, 16), ("steps", int, 1000),
                                ("seq-len", int, 1024), ("batch", int, 16), ("lr", float, 2e-3),
                                ("rest-lr-scale", float, 0.05),
                                ("tau", float, 0.1), ("ramp-frac", float, 0.6),
