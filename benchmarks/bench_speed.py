@@ -21,7 +21,7 @@ import sys
 import time
 
 ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "vllm-tq4": "turboquant_4bit_nc",
-           "dms_fp8": "dms_fp8"}
+           "dms_fp8": "dms_fp8", "dms_fp8-eager": "dms_fp8"}
 
 
 def prompts_for(model_dir: str, ctx: int, n: int) -> list[list[int]]:
@@ -55,7 +55,8 @@ def worker(a) -> None:
     llm = LLM(model=a.model, load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv,
               max_model_len=a.ctx + a.gen, kv_cache_memory_bytes=pool, max_num_seqs=maxc,
               max_num_batched_tokens=a.ctx + a.gen, gpu_memory_utilization=0.85,
-              enable_prefix_caching=False, seed=0, **extra)
+              enable_prefix_caching=False, seed=0, enforce_eager=a.engine.endswith("-eager"),
+              **extra)
     all_prompts = prompts_for(a.model, a.ctx, maxc * 3)
 
     last_bytes = {}

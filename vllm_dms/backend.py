@@ -85,7 +85,9 @@ class DMSMetadata:
 
 
 class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Decode-only steps replay a full CUDA graph: every tensor the kernels read lives in a
+    # persistent buffer below (or in the runtime), and the kernels neither sync nor allocate.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
@@ -94,6 +96,10 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         self.layer_names = list(layer_names)
         self.vllm_config = vllm_config
         self.runtime: DMSRuntime | None = get_runtime()
+        sc, cc = vllm_config.scheduler_config, vllm_config.compilation_config
+        self.max_rows = max(sc.max_num_seqs, cc.max_cudagraph_capture_size or 0, 1)
+        self._slots = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
+        self._pos = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
 
     def _kv_layers(self) -> list[torch.Tensor]:
         ctx = self.vllm_config.compilation_config.static_forward_context
@@ -116,7 +122,7 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         layout.validate()
         num_q_heads = vc.model_config.get_num_attention_heads(vc.parallel_config)
         self.runtime = set_runtime(DMSRuntime(dms, layout, self.layer_names, num_q_heads,
-                                              self.device))
+                                              self.device, max_rows=self.max_rows))
         self.runtime.init_arenas(kv_layers)
         return self.runtime
 
@@ -131,7 +137,10 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
             rt.release(self._kv_layers(), freed)
         nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
         qsl_cpu = cam.query_start_loc_cpu
-        slots = cam.block_table_tensor[: cam.num_reqs, 0].to(torch.int32)
+        n = cam.num_reqs
+        self._slots[:n].copy_(cam.block_table_tensor[:n, 0])  # padded rows hold block 0 = no slot
+        self._pos[:nd].copy_(cam.seq_lens[:nd] - 1)
+        slots = self._slots[:n]
         max_pf = 0
         if npf:
             q_lens = qsl_cpu[nd + 1: cam.num_reqs + 1] - qsl_cpu[nd: cam.num_reqs]
@@ -147,7 +156,7 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         return DMSMetadata(
             num_actual_tokens=cam.num_actual_tokens, num_decodes=nd, num_decode_tokens=nd_tok,
             num_prefills=npf, max_prefill_len=max_pf, slots=slots,
-            decode_pos=(cam.seq_lens[:nd] - 1).to(torch.int32), prefill_cu=prefill_cu,
+            decode_pos=self._pos[:nd], prefill_cu=prefill_cu,
             prefill_last=(prefill_cu[1:] - 1).long(), runtime=rt)
 
 

@@ -17,7 +17,7 @@ DECODE_SPLITS = 16  # split-K programs per (request, kv head); fixed so decode s
 
 class DMSRuntime:
     def __init__(self, dms: DMSConfig, layout: ArenaLayout, layer_names: list[str],
-                 num_q_heads: int, device: torch.device):
+                 num_q_heads: int, device: torch.device, max_rows: int | None = None):
         self.dms, self.layout, self.device = dms, layout, device
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         S1, L = layout.num_slots, layout.num_layers
@@ -29,9 +29,10 @@ class DMSRuntime:
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
         D = layout.head_dim
-        self.ws_acc = torch.empty(layout.max_num_seqs, num_q_heads, DECODE_SPLITS, D,
+        rows = max_rows or layout.max_num_seqs  # decode rows per step, CUDA-graph padding included
+        self.ws_acc = torch.empty(rows, num_q_heads, DECODE_SPLITS, D,
                                   dtype=torch.float32, device=device)
-        self.ws_m = torch.empty(layout.max_num_seqs, num_q_heads, DECODE_SPLITS,
+        self.ws_m = torch.empty(rows, num_q_heads, DECODE_SPLITS,
                                 dtype=torch.float32, device=device)
         self.ws_l = torch.empty_like(self.ws_m)
         self.initialized = False
