@@ -50,7 +50,7 @@ def worker(a) -> None:
     pool = tokens * per_tok * (2 if kv == "auto" else 1)
     extra = {}
     if kv == "dms_fp8":
-        extra = dict(block_size=64, max_num_seqs=maxc)
+        extra = dict(block_size=64)
         pool = int(pool * 1.10)  # FP8 bytes + the arena's meta words and state region
     llm = LLM(model=a.model, load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv,
               max_model_len=a.ctx + a.gen, kv_cache_memory_bytes=pool, max_num_seqs=maxc,

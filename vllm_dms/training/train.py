@@ -230,7 +230,8 @@ def dms_fields(window: int, cr: float, alpha_scale: float = 100.0, alpha_offset:
                decision_shift: int = 1) -> dict:
     """The DMS fields a trained checkpoint carries (keyword arguments of add_dms_fields)."""
     return dict(window=int(window), alpha_scale=float(alpha_scale),
-                alpha_offset=float(alpha_offset), cr=cr, decision_shift=int(decision_shift))
+                alpha_offset=float(alpha_offset), decision_shift=int(decision_shift),
+                cr=int(cr) if float(cr).is_integer() else float(cr))  # config.json: 8, not 8.0
 
 
 def dms_config_for(hf_config: dict, fields: dict) -> DMSConfig:
