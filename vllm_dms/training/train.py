@@ -71,7 +71,7 @@ def soft_dms_bias(noisy: torch.Tensor, window: int, shift: int) -> torch.Tensor:
 
 
 def lane_keep_mask(dms: DMSConfig, device) -> torch.Tensor:
-    """[Hq, D] ones with the borrowed lanes at 0: multiplying by it zeroes them, keeping autograd."""
+    """[Hq, D] ones, borrowed lanes 0: multiplying by it zeroes them and keeps autograd simple."""
     m = torch.ones(dms.num_q_heads, dms.head_dim, device=device)
     m[borrowed_heads(dms), dms.head_dim - 1] = 0.0
     return m
@@ -210,10 +210,12 @@ class BorrowedRows:
         return out if rest is None else out.index_put((self.rest_idx,), rest.to(base.dtype))
 
     def weights(self) -> list[torch.Tensor]:
-        return [self._splice(p.weight, d[0], r[0]) for p, d, r in zip(self.projs, self.dec, self.rest)]
+        return [self._splice(p.weight, d[0], r[0])
+                for p, d, r in zip(self.projs, self.dec, self.rest)]
 
     def biases(self) -> list[torch.Tensor | None]:
-        return [self._splice(p.bias, d[1], r[1]) for p, d, r in zip(self.projs, self.dec, self.rest)]
+        return [self._splice(p.bias, d[1], r[1])
+                for p, d, r in zip(self.projs, self.dec, self.rest)]
 
     @torch.no_grad()
     def state(self) -> dict[str, torch.Tensor]:
