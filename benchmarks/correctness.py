@@ -3,7 +3,7 @@
 For each prompt: greedy-generate with ``vllm.LLM(..., kv_cache_dtype="dms_fp8")`` (one request at
 a time, engine in-process), read the request's arena rows before they are released, and compare
 with ``vllm_dms.reference.reference_forward`` on the same tokens (teacher-forced, K/V through
-FP8): greedy tokens, flags (recovered from the arena), live counts per (layer, head), and the
+FP8 for decode rows, as the engine reads them): greedy tokens, flags (recovered from the arena), live counts per (layer, head), and the
 log-probabilities vLLM returned. Writes one JSON row per model.
 
     python benchmarks/correctness.py --model DIR --name smollm2-135m-dms --out results.json
@@ -89,7 +89,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
         live, pages, metas = arena_rows(rt.layout, kv_layers, slot)
         seq = ids + list(out.token_ids)
         with torch.no_grad():
-            ref = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"), kv_fp8=True)
+            ref = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
+                                    kv_fp8_from=len(ids))
         P = len(ids)
         ref_tok = ref.logits[P - 1:].argmax(-1).cpu()
         gen = torch.tensor(out.token_ids)

@@ -278,3 +278,20 @@ def test_greedy_generate_reference_is_causal(model):
     assert torch.equal(out.logits[11:17].argmax(-1), tokens)
     assert torch.equal(reference_forward(model, dms, torch.cat([prompt, tokens])).logits,
                        out.logits)
+
+
+def test_kv_fp8_from_splits_prompt_and_decode_rows(model):
+    dms = dms_for(model)
+    ids = ids_of(24)
+    b = reference_forward(model, dms, ids)
+    inj = b.decisions
+    all8 = reference_forward(model, dms, ids, kv_fp8=True, injected_decisions=inj)
+    none8 = reference_forward(model, dms, ids, injected_decisions=inj)
+    assert torch.equal(reference_forward(model, dms, ids, kv_fp8_from=0,
+                                         injected_decisions=inj).logits, all8.logits)
+    assert torch.equal(reference_forward(model, dms, ids, kv_fp8_from=24,
+                                         injected_decisions=inj).logits, none8.logits)
+    mixed = reference_forward(model, dms, ids, kv_fp8_from=16, injected_decisions=inj)
+    # prompt rows (causal: they only see prompt rows) are unaffected; decode rows see FP8 keys
+    assert torch.allclose(mixed.logits[:16], none8.logits[:16], atol=1e-5)
+    assert not torch.equal(mixed.logits[16:], none8.logits[16:])

@@ -34,7 +34,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 # name -> function adding that subcommand's parser (it must set_defaults(func=...)).
 def cmd_demo(args: argparse.Namespace) -> int:
     from vllm_dms.demo import run_demo
-    run_demo(max_tokens=args.max_tokens, window=args.window, cpu=args.cpu)
+    run_demo(max_tokens=args.max_tokens, window=args.window, cpu=args.cpu,
+             untrained=args.untrained)
     return 0
 
 
@@ -43,14 +44,34 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "(vLLM + dms_fp8 on a GPU, the exact reference on CPU) and print the "
                        "per-layer compression")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--window", type=int, default=32, help="DMS window W written to the checkpoint")
+    p.add_argument("--untrained", action="store_true", help="plain SmolLM2 + DMS fields instead "
+                   "of the DMS-trained checkpoint shipped with the package")
+    p.add_argument("--window", type=int, default=16, help="W for --untrained")
     p.add_argument("--cpu", action="store_true", help="use the CPU reference even with a GPU")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="quality harness: KLD / token match / perplexity / "
+                       "compression on held-out text (see vllm_dms.quality)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("vllm_dms.quality", fromlist=["main_eval"])
+                   .main_eval(a.rest))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="DMS retrofit (logit distillation) of a Llama/Qwen3 "
+                       "checkpoint (see vllm_dms.training.train)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("vllm_dms.training.train", fromlist=["main"])
+                   .main(a.rest))
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "inspect": _add_inspect,
     "demo": _add_demo,
+    "eval": _add_eval,
+    "train": _add_train,
 }
 
 
@@ -64,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _passthrough(module: str, func: str) -> Callable[[list[str]], int]:
+    return lambda rest: getattr(__import__(module, fromlist=[func]), func)(rest)
+
+
+# Subcommands with their own argparse (lazy: training and eval import torch models).
+PASSTHROUGH = {"eval": _passthrough("vllm_dms.quality", "main_eval"),
+               "train": _passthrough("vllm_dms.training.train", "main")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

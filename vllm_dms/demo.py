@@ -23,9 +23,14 @@ def _print_compression(live: torch.Tensor, n_tokens: int) -> None:
     print(f"  overall: {n_tokens / per_layer.mean().item():.2f}x")
 
 
-def run_demo(max_tokens: int = 160, window: int = 32, cpu: bool = False) -> None:
-    from vllm_dms.checkpoints import smollm2_dms
-    model_dir = smollm2_dms(window=window)
+def run_demo(max_tokens: int = 96, window: int = 16, cpu: bool = False,
+             untrained: bool = False) -> None:
+    if untrained:
+        from vllm_dms.checkpoints import smollm2_dms
+        model_dir = smollm2_dms(window=window)
+    else:  # the embedded default: SmolLM2-135M retrofitted with DMS by vllm_dms.training
+        from vllm_dms.training.delta import shipped_checkpoint
+        model_dir = shipped_checkpoint()
     print(f"model: {model_dir}")
     if torch.cuda.is_available() and not cpu:
         _demo_vllm(model_dir, max_tokens)

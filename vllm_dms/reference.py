@@ -159,6 +159,7 @@ class _Mode:
     evict: bool
     kv_fp8: bool
     zero_lane: bool
+    kv_fp8_from: int | None = None  # query rows >= this read FP8 K/V (the engine's decode rows)
 
 
 def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
@@ -175,7 +176,13 @@ def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
     flags = shifted_flags(decisions, dms.decision_shift)
     # no-evict mode: nothing is flagged for the mask, so it is plain causal attention
     mask_flags = flags if mode.evict else torch.zeros_like(flags)
-    out = dms_attention_reference(q, k, v, mask_flags, dms.window, dms.head_dim ** -0.5)
+    scale = dms.head_dim ** -0.5
+    out = dms_attention_reference(q, k, v, mask_flags, dms.window, scale)
+    if mode.kv_fp8_from is not None and not mode.kv_fp8:
+        # prompt rows attend the in-flight bf16 K/V, decode rows read the FP8 arena
+        out8 = dms_attention_reference(q, fp8_roundtrip(k), fp8_roundtrip(v), mask_flags,
+                                       dms.window, scale)
+        out = torch.cat([out[: mode.kv_fp8_from], out8[mode.kv_fp8_from:]])
     out = _linear(out.reshape(x.shape[0], -1), attn.o_proj)
     return out, decisions, flags, live_counts(mask_flags, dms.window)
 
@@ -193,18 +200,20 @@ def _check_model(model: torch.nn.Module, dms: DMSConfig) -> None:
 @torch.no_grad()
 def reference_forward(model: torch.nn.Module, dms: DMSConfig, input_ids: torch.Tensor, *,
                       evict: bool = True, injected_decisions: torch.Tensor | None = None,
-                      kv_fp8: bool = False, zero_lane: bool = True) -> RefOutput:
+                      kv_fp8: bool = False, zero_lane: bool = True,
+                      kv_fp8_from: int | None = None) -> RefOutput:
     """Dense teacher-forced DMS forward of one sequence input_ids [T] (see module docstring).
 
     evict=False keeps plain causal attention (lane still zeroed when zero_lane). Decisions come
     from the borrowed lane unless injected_decisions [L, T, H] is given. kv_fp8 round-trips
-    post-RoPE K and V through e4m3 before attention.
+    post-RoPE K and V through e4m3 before attention; kv_fp8_from=P does so only for query rows
+    >= P (what the engine does: prompt rows attend bf16 K/V, decode rows read the FP8 arena).
     """
     _check_model(model, dms)
     ids = input_ids.reshape(-1)
     T, device = ids.shape[0], model.lm_head.weight.device
     ids = ids.to(device)
-    mode = _Mode(evict=evict, kv_fp8=kv_fp8, zero_lane=zero_lane)
+    mode = _Mode(evict=evict, kv_fp8=kv_fp8, zero_lane=zero_lane, kv_fp8_from=kv_fp8_from)
     cos, sin = _rope_cos_sin(model, T, device)
     h = model.model.embed_tokens.weight[ids].float()
     per_layer = []
