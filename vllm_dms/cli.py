@@ -51,27 +51,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="quality harness: KLD / token match / perplexity / "
-                       "compression on held-out text (see vllm_dms.quality)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("vllm_dms.quality", fromlist=["main_eval"])
-                   .main_eval(a.rest))
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="DMS retrofit (logit distillation) of a Llama/Qwen3 "
-                       "checkpoint (see vllm_dms.training.train)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("vllm_dms.training.train", fromlist=["main"])
-                   .main(a.rest))
+def _add_passthrough(name: str, help_text: str) -> Callable[[argparse._SubParsersAction], None]:
+    def add(sub: argparse._SubParsersAction) -> None:
+        sub.add_parser(name, help=help_text, add_help=False)  # listed here, parsed by its module
+    return add
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "inspect": _add_inspect,
     "demo": _add_demo,
-    "eval": _add_eval,
-    "train": _add_train,
+    "eval": _add_passthrough("eval", "quality harness: KLD, token match, perplexity and "
+                             "compression on held-out text (vllm_dms.quality)"),
+    "train": _add_passthrough("train", "DMS retrofit by logit distillation of a Llama/Qwen3 "
+                              "checkpoint (vllm_dms.training.train)"),
 }
 
 

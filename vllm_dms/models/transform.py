@@ -71,3 +71,17 @@ def apply_dms_transform(model: nn.Module, dms: DMSConfig, compact: bool) -> int:
 def dms_mode(vllm_config) -> tuple[DMSConfig, bool]:
     from vllm_dms.config import dms_config_from_vllm
     return dms_config_from_vllm(vllm_config), vllm_config.cache_config.cache_dtype == "dms_fp8"
+
+
+class DMSModelMixin:
+    """What a DMS model class adds to its stock base: the transform and the synthetic hook."""
+
+    def _dms_init(self, vllm_config) -> None:
+        dms, compact = dms_mode(vllm_config)
+        apply_dms_transform(self, dms, compact)
+        self._hf_config = vllm_config.model_config.hf_config
+
+    def dms_after_dummy_weights(self) -> None:
+        if getattr(self._hf_config, "dms_synthetic", None):  # calibrated synthetic checkpoint
+            from vllm_dms.synthetic import apply_synthetic_weights
+            apply_synthetic_weights(self, self._hf_config)
