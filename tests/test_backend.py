@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from vllm_dms.arena import ArenaLayout  # noqa: E402
-from vllm_dms.backend import DMSCompactAttentionImpl, DMSMetadata  # noqa: E402
+from vllm_dms.backend import (DMSCompactAttentionImpl, DMSMetadata,  # noqa: E402
+                              prefill_chunk_rows)
 from vllm_dms.config import DMSConfig  # noqa: E402
-from vllm_dms.kernels.arena_ops import arena_state  # noqa: E402
+from vllm_dms.kernels.arena_ops import arena_read_row, arena_state  # noqa: E402
 from vllm_dms.models.transform import DMSRotary  # noqa: E402
 from vllm_dms.reference import dms_attention_reference, live_counts, shifted_flags  # noqa: E402
 from vllm_dms.runtime import DMSRuntime  # noqa: E402
@@ -124,3 +125,118 @@ def test_dms_rotary_carries_or_zeroes_the_lane():
     qz, _ = zero(torch.arange(T), q.clone(), torch.zeros(T, Hkv * D))
     assert torch.equal(qz.view(T, Hq, D)[:, ::2, D - 1], torch.zeros(T, 2))
     assert torch.equal(qz.view(T, Hq, D)[:, 1::2], qc.view(T, Hq, D)[:, 1::2])
+
+
+def _step_meta(rt, rows):
+    """rows: (slot, n_done, n_new) with 1-token rows first, as vLLM orders them; the metadata
+    the builder makes (1-token chunks are decode rows there too; n0 split on the GPU)."""
+    i32 = dict(dtype=torch.int32, device=DEV)
+    nd = sum(r[2] == 1 for r in rows)
+    pf = rows[nd:]
+    cu = torch.tensor([0] + torch.tensor([r[2] for r in pf]).cumsum(0).tolist(), **i32)
+    slots = torch.tensor([r[0] for r in rows], **i32)
+    md = DMSMetadata(num_actual_tokens=sum(r[2] for r in rows), num_decodes=nd,
+                     num_decode_tokens=nd, num_prefills=len(pf),
+                     max_prefill_len=max([r[2] for r in pf], default=0), slots=slots,
+                     decode_pos=torch.tensor([r[1] for r in rows[:nd]], **i32), prefill_cu=cu,
+                     prefill_last=(cu[1:] - 1).long(), runtime=rt)
+    if any(r[1] > 0 for r in pf):
+        md.prefill_n0 = torch.tensor([r[1] for r in pf], **i32)
+        md.prefill_first_slots, md.prefill_cont_slots = prefill_chunk_rows(slots[nd:],
+                                                                           md.prefill_n0)
+    return md
+
+
+@pytest.mark.parametrize("shift,W", [(1, 3), (0, 2)])
+def test_impl_chunked_prefill_matches_one_shot(shift, W):
+    """Prompts in chunks through DMSCompactAttentionImpl.forward, mixed in one step with first
+    chunks and decodes (a 1-token chunk runs as a decode row, as vLLM classifies it), then
+    decoding: the same live sets and decode outputs as one-shot prefill, and the reference
+    (arena keys FP8, a chunk's own keys bf16; tolerance 3e-2 as above, 1e-2 between runs)."""
+    H, G, D, P, steps = 2, 2, 32, 16, 4
+    reqs = [(2, 14, [5, 1, 4, 4], 0), (1, 11, [3, 3, 5], 0), (3, 6, [6], 2)]  # slot, prompt,
+    dms = _dms(shift, W, H, G, D)                                             # chunks, arrival
+    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
+                      max_num_seqs=3, max_model_len=64, num_blocks=0)
+    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 8})
+    g = torch.Generator().manual_seed(7 * W + shift)
+    seq = []
+    for _, n, _, _ in reqs:
+        T = n + steps
+        x = dict(q=torch.randn(T, H * G, D, generator=g).to(torch.bfloat16),
+                 k=torch.randn(T, H, D, generator=g).to(torch.bfloat16),
+                 v=torch.randn(T, H, D, generator=g).to(torch.bfloat16),
+                 lane=torch.where(torch.rand(T, H, generator=g) < 0.5, 0.3, -0.2))
+        x["q"][:, ::G, D - 1] = x["lane"].to(torch.bfloat16)
+        x["q0"] = x["q"].clone()
+        x["q0"][:, ::G, D - 1] = 0
+        x["flags"] = shifted_flags(x["lane"] > 0.05, shift)
+        seq.append(x)
+    impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
+    layer = types.SimpleNamespace(layer_name="l0")
+
+    def run(schedule):
+        """schedule: list of steps, each a list of (request, n_done, n_new); returns the arena,
+        its runtime and {(request, position): output [Hq, D]}."""
+        kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
+        rt = DMSRuntime(dms, lay, ["l0"], H * G, DEV)
+        rt.init_arenas([kv])
+        outs = {}
+        for rows in schedule:
+            rows = sorted(rows, key=lambda r: r[2] != 1)  # decode rows first
+            cat = lambda key: torch.cat([seq[i][key][a:a + n] for i, a, n in rows])  # noqa
+            N = sum(n for _, _, n in rows)
+            out = torch.full((N, H * G * D), float("nan"), dtype=torch.bfloat16, device=DEV)
+            impl.forward(layer, cat("q").reshape(N, -1).to(DEV), cat("k").reshape(N, -1).to(DEV),
+                         cat("v").reshape(N, -1).to(DEV), kv,
+                         _step_meta(rt, [(reqs[i][0], a, n) for i, a, n in rows]), out)
+            out = out.view(N, H * G, D).float().cpu()
+            st, o = arena_state(kv.view(-1), lay), 0
+            for i, a, n in rows:
+                s, b = seq[i], a + n
+                for t in range(n):
+                    outs[(i, a + t)] = out[o + t]
+                # a prefill row reads the arena in FP8 and its own chunk in bf16; decode: all FP8
+                fp8 = b if n == 1 else a
+                kq = torch.cat([s["k"][:fp8].float().to(torch.float8_e4m3fn).float(),
+                                s["k"][fp8:b].float()])
+                vq = torch.cat([s["v"][:fp8].float().to(torch.float8_e4m3fn).float(),
+                                s["v"][fp8:b].float()])
+                ref = dms_attention_reference(s["q0"][:b], kq, vq, s["flags"][:b].clone(), W,
+                                              D ** -0.5)[a:]
+                assert (out[o:o + n] - ref).abs().max() < 3e-2, (i, a, n)
+                o += n
+                fl = s["flags"][:b].clone()
+                fl[-1] = fl[-1] if shift == 0 else False  # the newest flag is still pending
+                want = live_counts(fl, W)[-1]
+                assert torch.equal(st.row_len[reqs[i][0]].cpu().long(), want), (i, a, n)
+        assert int(rt.overflow[0]) == 0
+        assert torch.equal(rt.slot_live.cpu(), st.row_len.sum(1).cpu())
+        return kv, outs
+
+    chunked, pos, ci = [], [0] * len(reqs), [0] * len(reqs)  # chunks, then `steps` decodes
+    for step in range(16):
+        rows = []
+        for i, (_, n, chunks, arrive) in enumerate(reqs):
+            if step >= arrive and pos[i] < n + steps:
+                m = chunks[ci[i]] if pos[i] < n else 1
+                ci[i] += pos[i] < n
+                rows.append((i, pos[i], m))
+                pos[i] += m
+        if rows:
+            chunked.append(rows)
+    lens = [n for _, n, _, _ in reqs]  # one-shot: each prompt in one step, then decode rows
+    one_shot = [[(i, 0, n)] for i, n in enumerate(lens)]
+    one_shot += [[(i, p, 1) for i, n in enumerate(lens) if n <= p < n + steps]
+                 for p in range(min(lens), max(lens) + steps)]
+    one_shot = [rows for rows in one_shot if rows]
+    kv_c, out_c = run(chunked)
+    kv_o, out_o = run(one_shot)
+    for i, (slot, n, _, _) in enumerate(reqs):
+        for p in range(n, n + steps):  # decode outputs after either prefill
+            assert (out_c[(i, p)] - out_o[(i, p)]).abs().max() < 1e-2, (i, p)
+        for h in range(H):  # the same rows: positions, flags, FP8 K/V (slot order may differ)
+            rc, ro = arena_read_row(kv_c, lay, slot, h), arena_read_row(kv_o, lay, slot, h)
+            ic, io = rc["pos"].argsort(), ro["pos"].argsort()
+            for key in ("pos", "flag", "k", "v"):
+                assert torch.equal(rc[key][ic], ro[key][io]), (i, h, key)

@@ -289,43 +289,24 @@ def test_admission_5x_dense_at_equal_bytes(dms, llama_dir):
 
 
 # ---------------------------------------------------------------------------- 2. never fits
-def test_never_fit_request_is_refused_and_others_served(dms, llama_dir):
+def test_arena_that_cannot_hold_max_model_len_is_refused_at_startup(dms, llama_dir):
+    """So no request can never fit after startup (tests/test_validation.py: per-request refusals,
+    FINISHED_ERROR while the others are served)."""
     spec_mod, sched_mod = dms
-    from vllm.v1.engine import FinishReason
-    from vllm.v1.request import RequestStatus
     from vllm_dms.channel import CHANNEL
+    from vllm_dms.config import DMSConfigError
     CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=8, max_num_batched_tokens=512,
                           max_model_len=4096)
     dspec = dms_spec(spec_mod, max_num_seqs=8)
-    sched = make_scheduler(sched_mod.DMSScheduler, vc, dspec, 16, 110)
-    mgr = sched.kv_cache_manager
-    usable = mgr.num_usable
-    assert usable < cdiv(2000 + 16, 16)
-    sched.add_request(make_request("small0", 100, 8))
-    big = make_request("big", 2000, 16)
-    sched.add_request(big)
-    sched.add_request(make_request("small1", 100, 8))
-    assert big.status == RequestStatus.FINISHED_ERROR and "big" not in sched.requests
-    assert big not in sched.waiting
-    worker = SimWorker(mgr, dms_live_8x(dspec.dms_window))
-    finished = {}
-
-    def on_step(step, out, outputs):
-        for eco in outputs.values():
-            for o in eco.outputs:
-                if o.finish_reason is not None:
-                    finished[o.request_id] = o
-    drive(sched, worker.step, 200, on_step)
-    err = finished["big"]
-    assert err.finish_reason == FinishReason.ERROR and err.new_token_ids == []
-    msg = err.stop_reason
+    with pytest.raises(DMSConfigError) as err:
+        make_scheduler(sched_mod.DMSScheduler, vc, dspec, 16, 110)
+    msg = str(err.value)
     print(f"\n[test2] {msg}")
-    for number in ("2000", "16", "2016", f"{cdiv(2016, 16)} blocks", f"{usable} data blocks",
-                   "4096"):
-        assert number in msg, (number, msg)
-    assert finished["small0"].finish_reason == FinishReason.LENGTH
-    assert finished["small1"].finish_reason == FinishReason.LENGTH
+    for part in ("--max-model-len 4096", f"{cdiv(4096, 16)} blocks of 16 tokens",
+                 "--gpu-memory-utilization", "--max-num-seqs"):
+        assert part in msg, (part, msg)
+    CHANNEL.reset()
 
 
 # ---------------------------------------------------------------------------- 4. parity

@@ -1,13 +1,16 @@
 """DMSCompactAttentionBackend: vLLM's CUSTOM attention backend for ``--kv-cache-dtype dms_fp8``.
 
-Per step the builder turns vLLM's common metadata into ours (decodes first, then whole-prompt
-prefills; each request's arena slot is the single block id the scheduler gave it), drains the
+Per step the builder turns vLLM's common metadata into ours (decodes first, then prefill
+chunks; each request's arena slot is the single block id the scheduler gave it), drains the
 slots freed since the last step, and the impl, per layer, stores then attends:
 
 * decode rows: ``dms_decode_store`` (flag, exact expiry by slot reuse, FP8 append) then
   ``dms_decode_attention`` (split-K over the row's live slots);
 * prefill rows: ``dms_prefill_attention`` (the exact DMS mask over the prompt) then
-  ``dms_prefill_pack`` (survivors to the arena in FP8).
+  ``dms_prefill_pack`` (survivors to the arena in FP8);
+* when a prefill row continues a prompt (tokens already in the arena): ``dms_chunk_flag_prev``
+  (shift 1), ``dms_chunk_attention`` (arena row + chunk) for every prefill row, then
+  ``dms_prefill_pack`` for first chunks and ``dms_chunk_pack`` for continuations.
 
 The decision channel is the query itself: the DMS model transform puts the raw pre-RoPE value of
 the borrowed lane (head h*G, lane D-1) back into that lane after RoPE, so the decision reaches us
@@ -82,6 +85,16 @@ class DMSMetadata:
     prefill_cu: torch.Tensor     # int32 [num_prefills + 1]: cu_seqlens within the prefill part
     prefill_last: torch.Tensor   # int64 [num_prefills]: index of each prompt's last token
     runtime: DMSRuntime
+    # Set iff some prefill row may continue a prompt (prefill_chunk_rows); else all are first.
+    prefill_n0: torch.Tensor | None = None           # int32 [num_prefills]: tokens in the arena
+    prefill_first_slots: torch.Tensor | None = None  # int32 [num_prefills]: slot if n0 == 0 else 0
+    prefill_cont_slots: torch.Tensor | None = None   # int32 [num_prefills]: slot if n0 > 0 else 0
+
+
+def prefill_chunk_rows(slots: torch.Tensor, n0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split prefill rows on the GPU (no sync): (first-chunk, continuation) slots, 0 = skip."""
+    cont = torch.where(n0 > 0, slots, torch.zeros_like(slots))
+    return slots - cont, cont
 
 
 class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
@@ -95,7 +108,7 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         self.layer_names = list(layer_names)
         self.vllm_config = vllm_config
-        self.runtime: DMSRuntime | None = get_runtime()
+        self.runtime: DMSRuntime | None = None  # found or made by the first build()
         sc, cc = vllm_config.scheduler_config, vllm_config.compilation_config
         self.max_rows = max(sc.max_num_seqs, cc.max_cudagraph_capture_size or 0, 1)
         self._slots = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
@@ -106,10 +119,16 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         return [ctx[name].kv_cache for name in self.layer_names]
 
     def _ensure_runtime(self) -> DMSRuntime:
-        if self.runtime is not None and self.runtime.initialized:
+        if self.runtime is not None:
             return self.runtime
-        from vllm_dms.config import dms_config_from_vllm
         kv_layers = self._kv_layers()
+        # Another builder of this engine may have made it; one of an earlier engine in this
+        # process (other KV tensors, maybe another layout) is never adopted.
+        shared = get_runtime()
+        if shared is not None and shared.serves(kv_layers):
+            self.runtime = shared
+            return shared
+        from vllm_dms.config import dms_config_from_vllm
         spec, vc = self.kv_cache_spec, self.vllm_config
         dms = dms_config_from_vllm(vc)
         page = spec_page_bytes(spec.num_kv_heads, spec.head_size, spec.block_size)
@@ -121,10 +140,11 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
                                 "num_kv_heads": spec.num_kv_heads})
         layout.validate()
         num_q_heads = vc.model_config.get_num_attention_heads(vc.parallel_config)
-        self.runtime = set_runtime(DMSRuntime(dms, layout, self.layer_names, num_q_heads,
-                                              self.device, max_rows=self.max_rows))
-        self.runtime.init_arenas(kv_layers)
-        return self.runtime
+        rt = DMSRuntime(dms, layout, self.layer_names, num_q_heads, self.device,
+                        max_rows=self.max_rows)
+        rt.init_arenas(kv_layers)
+        self.runtime = set_runtime(rt)
+        return rt
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DMSMetadata:
@@ -141,23 +161,27 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         self._slots[:n].copy_(cam.block_table_tensor[:n, 0])  # padded rows hold block 0 = no slot
         self._pos[:nd].copy_(cam.seq_lens[:nd] - 1)
         slots = self._slots[:n]
-        max_pf = 0
+        max_pf, has_cont = 0, False
         if npf:
             q_lens = qsl_cpu[nd + 1: cam.num_reqs + 1] - qsl_cpu[nd: cam.num_reqs]
             max_pf = int(q_lens.max())
-            seq_cpu = cam.seq_lens_cpu_upper_bound
-            if seq_cpu is not None and bool((seq_cpu[nd: cam.num_reqs] != q_lens).any()):
-                raise RuntimeError("dms_fp8: a continuation prefill chunk reached the DMS "
-                                   "backend; chunked prefill must be off (engine validator)")
+            seq_cpu = cam.seq_lens_cpu_upper_bound  # exact for prefill rows; None: assume chunks
+            has_cont = seq_cpu is None or bool((seq_cpu[nd: cam.num_reqs] != q_lens).any())
         qsl = cam.query_start_loc
         prefill_cu = (qsl[nd: cam.num_reqs + 1] - qsl[nd]).to(torch.int32)
+        n0 = first = cont = None
+        if has_cont:  # n0 = seq_len - query_len, on the GPU
+            n0 = (cam.seq_lens[nd: cam.num_reqs] - (qsl[nd + 1: cam.num_reqs + 1]
+                                                    - qsl[nd: cam.num_reqs])).to(torch.int32)
+            first, cont = prefill_chunk_rows(slots[nd:], n0)
         rt.slot_ntok.index_copy_(0, slots.long(), cam.seq_lens[: cam.num_reqs].to(torch.int32))
         rt.slot_ntok[0] = 0  # slot 0 is padding
         return DMSMetadata(
             num_actual_tokens=cam.num_actual_tokens, num_decodes=nd, num_decode_tokens=nd_tok,
             num_prefills=npf, max_prefill_len=max_pf, slots=slots,
             decode_pos=self._pos[:nd], prefill_cu=prefill_cu,
-            prefill_last=(prefill_cu[1:] - 1).long(), runtime=rt)
+            prefill_last=(prefill_cu[1:] - 1).long(), runtime=rt, prefill_n0=n0,
+            prefill_first_slots=first, prefill_cont_slots=cont)
 
 
 class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
@@ -199,19 +223,40 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         nd = md.num_decodes
         if nd:
             dms_decode_store(kv, layout, k[:nd].contiguous(), v[:nd].contiguous(), dec[:nd],
-                             md.decode_pos, md.slots[:nd], dms.decision_shift, pages, rt.overflow)
+                             md.decode_pos, md.slots[:nd], dms.decision_shift, pages, rt.overflow,
+                             live=rt.slot_live)
             dms_decode_attention(q[:nd], kv, layout, md.slots[:nd], self.scale, out[:nd],
                                  rt.ws_acc[:nd], rt.ws_m[:nd], rt.ws_l[:nd])
         if md.num_prefills:
             kp, vp = k[nd:].contiguous(), v[nd:].contiguous()
             flags = dec[nd:]
-            if dms.decision_shift == 1:  # the decision at t flags t-1; a prompt's last flag waits
+            if dms.decision_shift == 1:  # the decision at t flags t-1; a chunk's last flag waits
                 flags = torch.cat([flags[1:], torch.zeros_like(flags[:1])])
                 flags[md.prefill_last] = False
-            dms_prefill_attention(q[nd:], kp, vp, flags, md.prefill_cu, md.max_prefill_len,
-                                  dms.window, self.scale, out[nd:])
-            dms_prefill_pack(kv, layout, kp, vp, flags, md.prefill_cu, md.slots[nd:],
-                             pages, rt.overflow)
+            if md.prefill_cont_slots is None:  # every prefill row is a first chunk
+                dms_prefill_attention(q[nd:], kp, vp, flags, md.prefill_cu, md.max_prefill_len,
+                                      dms.window, self.scale, out[nd:])
+                dms_prefill_pack(kv, layout, kp, vp, flags, md.prefill_cu, md.slots[nd:],
+                                 pages, rt.overflow, live=rt.slot_live)
+            else:
+                self._chunked_prefill(q[nd:], kp, vp, dec[nd:], flags, kv, md, out[nd:], pages)
         if li == layout.num_layers - 1:
             rt.publish()
         return output
+
+    def _chunked_prefill(self, q, k, v, dec, flags, kv, md: DMSMetadata, out, pages) -> None:
+        # Continuations first see (and then update) their rows; first chunks (n0 = 0) only see
+        # themselves in dms_chunk_attention and are packed by dms_prefill_pack.
+        from vllm_dms.kernels.arena_ops import dms_prefill_pack
+        from vllm_dms.kernels.chunked import (dms_chunk_attention, dms_chunk_flag_prev,
+                                              dms_chunk_pack)
+        rt = md.runtime
+        dms, layout, n0, cont = rt.dms, rt.layout, md.prefill_n0, md.prefill_cont_slots
+        if dms.decision_shift == 1:  # each chunk's first decision flags the arena's last token
+            dms_chunk_flag_prev(kv, layout, dec[md.prefill_cu[:-1].long()], n0, cont)
+        dms_chunk_attention(q, k, v, flags, md.prefill_cu, n0, cont, kv, layout, dms.window,
+                            self.scale, out, max_seqlen=md.max_prefill_len)
+        dms_prefill_pack(kv, layout, k, v, flags, md.prefill_cu, md.prefill_first_slots, pages,
+                         rt.overflow, live=rt.slot_live)
+        dms_chunk_pack(kv, layout, k, v, flags, md.prefill_cu, n0, cont, pages, rt.overflow,
+                       live=rt.slot_live)

@@ -7,10 +7,13 @@ update_from_output run one after another in one thread, so no locking is needed.
 * ``release``:  slots the scheduler freed (finish, abort, preemption). The worker drains it at the
   start of its next step, before it packs any new request, and pushes the slots' sub-pages back
   to the free stacks.
-* ``measured``: CPU int32 ``[S1, 2]`` tensor, row = slot, columns ``(n_done, pages_max)``: tokens in
-  the arena and the largest number of sub-pages the slot holds in any one layer. The worker
-  overwrites the rows of the requests it ran after each step; the scheduler trusts a row only if
-  ``n_done`` equals the request's ``num_computed_tokens`` (``INVALID`` never matches).
+* ``feedback``: pinned CPU int32 ``[S1, 3]`` tensor, row = slot, columns ``(n_done, pages_max,
+  live)``: tokens in the arena, the largest number of sub-pages the slot holds in any one layer,
+  and the live (token, layer, KV head) entries it holds (the DMS live count summed over layers and
+  heads). The worker overwrites it with one copy after each step.
+* ``measured``: the ``[S1, 2]`` view ``feedback[:, :2]``; the scheduler trusts a row only if
+  ``n_done`` equals the request's ``num_computed_tokens`` (``INVALID`` never matches). ``live``
+  feeds only the metrics (``DMSKVCacheManager.gauges``).
 * ``overflow``: set by the worker when a kernel hit its capacity check (the ledger was violated).
 """
 from __future__ import annotations
@@ -23,35 +26,44 @@ INVALID = -1  # n_done of a row that belongs to no measured request
 class DMSChannel:
     def __init__(self) -> None:
         self.release: list[int] = []
-        self._measured: Any = None  # torch.Tensor [S1, 2] int32, allocated by ensure()
-        self._rows: Any = None      # numpy view of it: per-request reads stay ~100 ns
+        self._feedback: Any = None  # torch.Tensor [S1, 3] int32, allocated by ensure()
+        self._measured: Any = None  # its [S1, 2] view (n_done, pages_max)
+        self._rows: Any = None      # numpy view of feedback: per-request reads stay ~100 ns
         self.overflow: bool = False
 
     @property
     def measured(self) -> Any:
-        """The [S1, 2] tensor; write it in place (no setter: a rebind would orphan readers)."""
+        """The [S1, 2] view; write it in place (no setter: a rebind would orphan readers)."""
         return self._measured
 
+    @property
+    def feedback(self) -> Any:
+        """The whole [S1, 3] tensor the worker copies into (one copy per step)."""
+        return self._feedback
+
     def ensure(self, num_slots: int) -> Any:
-        """Allocate ``measured`` for num_slots (= max_num_seqs + 1) rows; idempotent."""
-        if self._measured is not None:
-            if self._measured.shape[0] != num_slots:
+        """Allocate ``feedback`` for num_slots (= max_num_seqs + 1) rows; idempotent.
+
+        Returns the ``measured`` view.
+        """
+        if self._feedback is not None:
+            if self._feedback.shape[0] != num_slots:
                 # Someone may hold a reference to the old tensor; never swap it silently.
-                raise ValueError(f"DMS channel already sized for {self._measured.shape[0]} slots, "
+                raise ValueError(f"DMS channel already sized for {self._feedback.shape[0]} slots, "
                                  f"asked for {num_slots}")
             return self._measured
         import torch  # lazy: keep the import of this module free of torch / CUDA init
         pin = torch.cuda.is_available()
-        m = torch.empty((num_slots, 2), dtype=torch.int32, pin_memory=pin)
+        m = torch.empty((num_slots, 3), dtype=torch.int32, pin_memory=pin)
         m[:, 0] = INVALID
-        m[:, 1] = 0
-        self._measured, self._rows = m, m.numpy()
-        return m
+        m[:, 1:] = 0
+        self._feedback, self._measured, self._rows = m, m[:, :2], m.numpy()
+        return self._measured
 
     def invalidate(self, slot: int) -> None:
         """Forget the measurement of a slot (it changes owner)."""
         if self._rows is not None:
-            self._rows[slot] = (INVALID, 0)
+            self._rows[slot] = (INVALID, 0, 0)
 
     def read(self, slot: int) -> tuple[int, int] | None:
         if self._rows is None:
@@ -59,15 +71,22 @@ class DMSChannel:
         row = self._rows[slot]
         return int(row[0]), int(row[1])
 
+    def read_live(self, slot: int) -> tuple[int, int] | None:
+        """(n_done, live) of a slot, both from the same worker copy."""
+        if self._rows is None:
+            return None
+        row = self._rows[slot]
+        return int(row[0]), int(row[2])
+
     def take_release(self) -> list[int]:
         """Worker side: drain the freed slots (in the order they were freed)."""
         out, self.release = self.release, []
         return out
 
     def reset(self) -> None:
-        """Tests only: forget everything (a new engine in the same process)."""
+        """Forget everything: a new engine in this process (DMSKVCacheManager), or a test."""
         self.release = []
-        self._measured = self._rows = None
+        self._feedback = self._measured = self._rows = None
         self.overflow = False
 
 

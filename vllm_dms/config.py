@@ -65,7 +65,8 @@ class DMSConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_checkpoint(cls, model_dir: str, hf_overrides: dict | None = None) -> "DMSConfig":
+    def from_checkpoint(cls, model_dir: str, hf_overrides: dict | None = None, *,
+                        compact: bool = True) -> "DMSConfig":
         cfg_path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(cfg_path):
             raise DMSConfigError(f"{model_dir}: no config.json")
@@ -79,11 +80,13 @@ class DMSConfig:
             with open(meta_path) as f:
                 meta = json.load(f)
             meta = meta.get("config", meta)
-        return cls.from_dicts(hf, meta, where=model_dir)
+        return cls.from_dicts(hf, meta, where=model_dir, compact=compact)
 
     @classmethod
-    def from_dicts(cls, hf: dict, meta: dict | None = None, where: str = "<config>") -> "DMSConfig":
-        _reject_unsupported_variants(hf, meta, where)
+    def from_dicts(cls, hf: dict, meta: dict | None = None, where: str = "<config>", *,
+                   compact: bool = True) -> "DMSConfig":
+        """compact=False: for no-evict serving (another KV dtype), where eviction is off anyway."""
+        _reject_unsupported_variants(hf, meta, where, compact)
         shape = _shape_fields(hf, where)
         nv = [k for k in NVIDIA_KEYS if k in hf]
         if meta is not None:
@@ -101,7 +104,8 @@ class DMSConfig:
         else:
             raise DMSConfigError(
                 f"{where}: not a DMS checkpoint: config.json has none of {list(NVIDIA_KEYS)} "
-                f"and there is no {METADATA_FILE} (needs {list(FASTDMS_KEYS)})")
+                f"and there is no {METADATA_FILE} (needs {list(FASTDMS_KEYS)}); add them, or "
+                "serve a model without DMS fields with --kv-cache-dtype auto or fp8")
         if explicit is not None:
             if explicit not in (0, 1) or isinstance(explicit, bool):
                 raise DMSConfigError(f"{where}: dms_decision_shift must be 0 or 1, got {explicit!r}")
@@ -129,12 +133,16 @@ def dms_config_from_vllm(vllm_config: Any) -> DMSConfig:
     """
     mc = vllm_config.model_config
     overrides = mc.hf_overrides if isinstance(mc.hf_overrides, dict) else {}
-    return _cached_from_checkpoint(mc.model, json.dumps(overrides, sort_keys=True, default=str))
+    cc = getattr(vllm_config, "cache_config", None)
+    compact = cc is None or cc.cache_dtype == "dms_fp8"  # unknown: validate as for dms_fp8
+    return _cached_from_checkpoint(mc.model, json.dumps(overrides, sort_keys=True, default=str),
+                                   compact)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_from_checkpoint(model_dir: str, overrides_json: str) -> DMSConfig:
-    return DMSConfig.from_checkpoint(model_dir, json.loads(overrides_json) or None)
+def _cached_from_checkpoint(model_dir: str, overrides_json: str, compact: bool) -> DMSConfig:
+    return DMSConfig.from_checkpoint(model_dir, json.loads(overrides_json) or None,
+                                     compact=compact)
 
 
 def has_dms_fields(model_dir: str) -> bool:
@@ -148,7 +156,7 @@ def has_dms_fields(model_dir: str) -> bool:
             or os.path.isfile(os.path.join(model_dir, METADATA_FILE)))
 
 
-def _reject_unsupported_variants(hf: dict, meta: dict | None, where: str) -> None:
+def _reject_unsupported_variants(hf: dict, meta: dict | None, where: str, compact: bool) -> None:
     src = dict(hf, **(meta or {}))
     if src.get("dms_separate_alpha") or src.get("separate_alpha"):
         raise DMSConfigError(
@@ -159,7 +167,7 @@ def _reject_unsupported_variants(hf: dict, meta: dict | None, where: str) -> Non
         raise DMSConfigError(
             f"{where}: dms_alpha_per: {per!r} is not supported; only per-head decisions "
             "(dms_alpha_per: \"head\") are served")
-    if src.get("dms_disable_eviction"):
+    if compact and src.get("dms_disable_eviction"):
         raise DMSConfigError(
             f"{where}: dms_disable_eviction: true; serve this checkpoint with --kv-cache-dtype auto "
             "(no-evict mode) instead of dms_fp8")
@@ -190,9 +198,13 @@ def _shape_fields(hf: dict, where: str) -> dict:
     if head_dim % 2 or head_dim < 16 or head_dim > 256:
         raise DMSConfigError(f"{where}: head_dim={head_dim} unsupported (need even, 16..256)")
     if nq // nkv > 16:
-        raise DMSConfigError(f"{where}: GQA group {nq // nkv} > 16 is not supported")
+        raise DMSConfigError(f"{where}: GQA group {nq // nkv} (num_attention_heads={nq} / "
+                             f"num_key_value_heads={nkv}) is not supported; the DMS kernels "
+                             "need a group <= 16")
     if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "llama"):
-        raise DMSConfigError(f"{where}: sliding_window attention layers are not supported with DMS")
+        raise DMSConfigError(f"{where}: sliding_window={hf['sliding_window']} attention layers "
+                             "are not supported with DMS (full attention only: no "
+                             "sliding_window, or use_sliding_window: false)")
     return dict(arch=arch, num_layers=hf["num_hidden_layers"], num_q_heads=nq,
                 num_kv_heads=nkv, head_dim=head_dim)
 

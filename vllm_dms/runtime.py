@@ -1,11 +1,14 @@
 """Worker-side DMS runtime: one per worker process, shared by every DMS attention layer.
 
 It owns what is not per layer: the arena layout, the per-(layer, slot) sub-page counters, the
-per-slot token counters, the overflow flag, the split-K workspace, and the feedback copy that
-tells the scheduler (same process at TP=1, see ``vllm_dms.channel``) how much each request holds.
+per-slot token and live-KV counters, the overflow flag, the split-K workspace, and the feedback
+copy that tells the scheduler (same process at TP=1, see ``vllm_dms.channel``) how much each
+request holds.
 Per-layer state lives inside each layer's KV tensor (``vllm_dms.arena``).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -24,8 +27,9 @@ class DMSRuntime:
         i32 = dict(dtype=torch.int32, device=device)
         self.layer_pages = torch.zeros(L, S1, **i32)    # sub-pages held per (layer, slot)
         self.slot_ntok = torch.zeros(S1, **i32)         # tokens in the arena per slot
+        self.slot_live = torch.zeros(S1, **i32)         # live rows' tokens per slot (all layers)
         self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
-        self.feedback = torch.zeros(S1, 2, **i32)       # (n_done, pages_max) staged for the host
+        self.feedback = torch.zeros(S1, 3, **i32)       # (n_done, pages_max, live) for the host
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
         D = layout.head_dim
@@ -36,19 +40,26 @@ class DMSRuntime:
                                 dtype=torch.float32, device=device)
         self.ws_l = torch.empty_like(self.ws_m)
         self.initialized = False
+        self._kv_refs: list[weakref.ref] = []  # the KV tensors (one engine's) this runtime owns
 
     def init_arenas(self, kv_layers: list[torch.Tensor]) -> None:
         from vllm_dms.kernels.arena_ops import arena_init
         for kv in kv_layers:
             arena_init(kv, self.layout)
+        self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never keep a dead engine's KV
         self.initialized = True
+
+    def serves(self, kv_layers: list[torch.Tensor]) -> bool:
+        """True iff this runtime initialised exactly these KV tensors (i.e. the same engine)."""
+        return (self.initialized and len(self._kv_refs) == len(kv_layers)
+                and all(r() is kv for r, kv in zip(self._kv_refs, kv_layers)))
 
     def release(self, kv_layers: list[torch.Tensor], slots: list[int]) -> None:
         """Return every sub-page of the freed slots to the free stacks (runs before any pack)."""
         from vllm_dms.kernels.arena_ops import dms_release
         t = torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True)
         for i, kv in enumerate(kv_layers):
-            dms_release(kv, self.layout, t, self.layer_pages[i])
+            dms_release(kv, self.layout, t, self.layer_pages[i], live=self.slot_live)
         self.slot_ntok.index_fill_(0, t.long(), 0)
 
     def slot_bytes(self, slot: int) -> int:
@@ -56,12 +67,13 @@ class DMSRuntime:
         return int(self.layer_pages[:, slot].sum()) * self.layout.subpage_bytes
 
     def publish(self) -> None:
-        """Stage (n_done, pages_max) per slot for the scheduler; read after the step's sync."""
+        """Stage (n_done, pages_max, live) per slot; the scheduler reads it after the sync."""
         from vllm_dms.channel import CHANNEL
         self.feedback[:, 0].copy_(self.slot_ntok)
         self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
-        host = CHANNEL.ensure(self.layout.num_slots)
-        host.copy_(self.feedback, non_blocking=True)
+        self.feedback[:, 2].copy_(self.slot_live)
+        CHANNEL.ensure(self.layout.num_slots)
+        CHANNEL.feedback.copy_(self.feedback, non_blocking=True)  # one copy per step
         self.overflow_host.copy_(self.overflow, non_blocking=True)
 
     def check_overflow(self) -> None:

@@ -15,10 +15,19 @@ The design is in ``vllm_dms.arena`` (module docstring). Scheduler-side contract:
 
 Sync scheduling only: the reservation reads the worker's measurement of the previous step
 (``CHANNEL.measured``), which async scheduling would not have yet.
+
+Startup refuses (``DMSConfigError``) an arena that cannot hold one unmeasured max_model_len
+request, so a request that can never fit is impossible after startup: every request is capped at
+max_model_len and the arena holds that alone. Per-request rules live in ``vllm_dms.validation``
+(``add_request`` finishes a violating request with FINISHED_ERROR; the engine keeps serving).
+
+Metrics: ``make_stats`` adds ``DMSKVCacheManager.gauges()`` to the SchedulerStats it sends to the
+front-end, read there by ``vllm_dms.metrics`` (the route and its handshake are described there).
 """
 from __future__ import annotations
 
 import heapq
+import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -31,9 +40,16 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_dms.arena import ArenaLayout
 from vllm_dms.channel import CHANNEL
+from vllm_dms.config import DMSConfigError
 from vllm_dms.spec import DMSCompactSpec
+from vllm_dms.validation import request_problem
 
 logger = init_logger(__name__)
+
+# SchedulerStats.kv_connector_stats key of the DMS gauges (vllm_dms.metrics pops it).
+STATS_KEY = "vllm_dms"
+# Set to "1" by the front-end's DMS stat logger (vllm_dms.metrics) before the engine starts.
+METRICS_ENV = "VLLM_DMS_METRICS"
 
 
 def dms_spec_of(kv_cache_config: KVCacheConfig) -> DMSCompactSpec | None:
@@ -77,6 +93,18 @@ class DMSKVCacheManager(KVCacheManager):
             raise RuntimeError(f"DMS state region must be blocks [1, {first}), pool gave {ids[:8]}")
         self.num_usable = self.block_pool.get_num_free_blocks()
         assert self.num_usable == self.layout.num_data_blocks
+        # Startup, not per request: after this no request can be too big for the arena.
+        if self.num_usable < self.layout.max_request_blocks():
+            P = self.layout.block_size
+            raise DMSConfigError(
+                f"DMS arena too small for --max-model-len {self.max_model_len}: one request of "
+                f"that length needs {self.layout.max_request_blocks()} blocks of {P} tokens "
+                f"before its compression is measured, but the arena has {self.num_usable} data "
+                f"blocks ({first} of {self.layout.num_blocks} blocks hold the state region), "
+                f"i.e. at most {self.num_usable * P} tokens per request. Lower --max-model-len "
+                f"to at most {self.num_usable * P}, or raise --gpu-memory-utilization (or "
+                f"--kv-cache-memory-bytes / --num-gpu-blocks-override; a lower --max-num-seqs "
+                f"also shrinks the state region)")
 
         self.max_num_seqs = max_num_seqs
         self._free_slots = list(range(1, max_num_seqs + 1))  # a sorted list is a valid heap
@@ -86,19 +114,18 @@ class DMSKVCacheManager(KVCacheManager):
         self._slot_of: dict[str, int] = {}
         self._held: dict[str, list[KVCacheBlock]] = {}
         self.num_held = 0
+        # A new engine in this process takes the channel over: slots queued or measured by an
+        # earlier engine refer to that engine's arena (and its max_num_seqs).
+        CHANNEL.reset()
         CHANNEL.ensure(self.layout.num_slots)
-
-        if self.num_usable < self.layout.max_request_blocks():
-            logger.warning(
-                "DMS arena: %d data blocks (%d of %d blocks hold the state region) cannot hold "
-                "one unmeasured max_model_len=%d request (%d blocks); requests longer than %d "
-                "tokens will be refused", self.num_usable, first, self.layout.num_blocks,
-                self.max_model_len, self.layout.max_request_blocks(),
-                self.num_usable * self.layout.block_size)
 
     # ------------------------------------------------------------------ admission
     def refusal(self, request: Request) -> str | None:
-        """Why a request can never be served (its unmeasured worst case exceeds the arena)."""
+        """Why a request can never be served (its unmeasured worst case exceeds the arena).
+
+        Unreachable after startup (``__init__`` refuses an arena that cannot hold max_model_len);
+        kept so a broken invariant fails one request instead of the engine.
+        """
         n = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
         need = self.layout.reservation_blocks(n)
         if need <= self.num_usable:
@@ -225,7 +252,7 @@ class DMSKVCacheManager(KVCacheManager):
         return self.num_held / self.num_usable
 
     def dms_stats(self) -> dict[str, Any]:
-        """Gauges. live_tokens is None: the worker reports (n_done, pages_max), not live counts."""
+        """Ledger snapshot for tools and tests (live_tokens stays None; see ``gauges``)."""
         L, page = self.layout.num_layers, self.layout.page_bytes
         subpages = 0
         for rid, slot in self._slot_of.items():
@@ -243,6 +270,30 @@ class DMSKVCacheManager(KVCacheManager):
             num_slots_in_use=len(self._slot_of),
         )
 
+    def gauges(self) -> dict[str, float]:
+        """The DMS Prometheus gauges (``vllm_dms.metrics``), from the worker's last report.
+
+        KV tokens count (token, layer, KV head) entries of the running requests; dense is what
+        a full cache would hold (tokens * layers * heads). Arena bytes follow the ledger, like
+        ``usage``: in use = state region + reserved blocks, free = the pool's free blocks.
+        """
+        lay = self.layout
+        rows, block_bytes = lay.num_layers * lay.num_kv_heads, lay.page_bytes * lay.num_layers
+        dense = live = 0
+        for slot in self._slot_of.values():
+            row = CHANNEL.read_live(slot)
+            if row is not None and row[0] > 0:  # n_done and live come from one worker copy
+                dense += row[0] * rows
+                live += row[1]
+        in_use = (lay.first_data_block + self.num_held) * block_bytes
+        return dict(
+            live_kv_tokens=live,
+            evicted_kv_tokens=dense - live,
+            compression_ratio=dense / live if live else 1.0,  # nothing held: no compression
+            arena_bytes_in_use=in_use,
+            arena_bytes_free=lay.num_blocks * block_bytes - in_use,
+        )
+
 
 class DMSScheduler(Scheduler):
     """Stock Scheduler; with a DMSCompactSpec KV cache its KVCacheManager is DMSKVCacheManager."""
@@ -251,6 +302,9 @@ class DMSScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.dms: DMSKVCacheManager | None = None
         self._dms_refused: list[Request] = []
+        # Only a front-end that pops the gauges (vllm_dms.metrics) may receive them.
+        self._dms_metrics = os.environ.get(METRICS_ENV) == "1"
+        self._vocab_size = self.vllm_config.model_config.get_vocab_size()
         if dms_spec_of(self.kv_cache_config) is None:
             return  # dense model: everything stays stock
         if self.scheduler_config.async_scheduling:
@@ -271,10 +325,18 @@ class DMSScheduler(Scheduler):
             metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark)
         self.kv_cache_manager = self.dms
 
+    def _refusal(self, request: Request) -> str | None:
+        """Why the engine must not run a new request (the front-end normally caught it)."""
+        problem = request_problem(request.prompt_token_ids, vocab_size=self._vocab_size,
+                                  resumable=request.resumable)
+        if problem is not None:
+            return f"DMS request {request.request_id}: {problem[1]}"
+        return self.dms.refusal(request)
+
     def add_request(self, request: Request) -> None:
         reason = None
         if self.dms is not None and request.request_id not in self.requests:
-            reason = self.dms.refusal(request)
+            reason = self._refusal(request)
         super().add_request(request)
         if reason is not None:
             # Finish now (it must not block the queue head); the output goes out next step.
@@ -298,3 +360,11 @@ class DMSScheduler(Scheduler):
 
     def dms_stats(self) -> dict[str, Any]:
         return {} if self.dms is None else self.dms.dms_stats()
+
+    def make_stats(self, *args: Any, **kwargs: Any):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None and self.dms is not None and self._dms_metrics:
+            # kv_connector_stats is None here (DMS refuses KV connectors) and survives msgpack.
+            stats.kv_connector_stats = {**(stats.kv_connector_stats or {}),
+                                        STATS_KEY: self.dms.gauges()}
+        return stats

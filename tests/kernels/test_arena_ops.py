@@ -103,9 +103,12 @@ def test_pack_readback_and_release(device, kit, elem, W, P, shift):
     k, v, flags, cu = make_batch(lengths, H, D, shift, gen, device=device, scale=200.0)
     layer_pages = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     overflow = torch.zeros(1, dtype=torch.int32, device=device)
+    live = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     top0 = int(st.free_top[0])
-    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, layer_pages, overflow)
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, layer_pages, overflow, live=live)
     assert int(overflow[0]) == 0
+    # the live counter is the rows' live count summed over heads (padding slot 0 untouched)
+    assert live.tolist() == st.row_len.sum(-1).tolist()
     taken = 0
     for b, n in enumerate(lengths):
         s, a = int(slots[b]), int(cu[b])
@@ -121,8 +124,8 @@ def test_pack_readback_and_release(device, kit, elem, W, P, shift):
     kit.check_pages_conserved(kv, lay)
 
     rel = torch.tensor([4, 0, 1, 3, 5], dtype=torch.int32, device=device)  # permuted, padded
-    dms_release(kv, lay, rel, layer_pages)
-    assert int(st.free_top[0]) == top0
+    dms_release(kv, lay, rel, layer_pages, live=live)
+    assert int(st.free_top[0]) == top0 and int(live.abs().sum()) == 0
     assert int(st.row_len.abs().sum()) == 0 and int(st.row_npages.abs().sum()) == 0
     assert int(layer_pages.abs().sum()) == 0
     kit.check_pages_conserved(kv, lay)
@@ -166,12 +169,14 @@ def test_pack_overflow(device, kit):
     slots = torch.tensor([2, 1], dtype=torch.int32, device=device)
     lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     ov = torch.zeros(1, dtype=torch.int32, device=device)
+    live = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     before = kv.clone()
-    dms_prefill_pack(kv, lay, k[6:], v[6:], flags[6:], cu[1:] - 6, slots[1:], lp, ov)
-    assert int(ov[0]) == 1
+    dms_prefill_pack(kv, lay, k[6:], v[6:], flags[6:], cu[1:] - 6, slots[1:], lp, ov, live=live)
+    assert int(ov[0]) == 1 and int(live.abs().sum()) == 0, "a refused row counts nothing"
     assert torch.equal(kv, before), "nothing written for an overflowing row"
     ov.zero_()
-    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov)
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov, live=live)
+    assert live.tolist() == st.row_len.sum(-1).tolist()
     assert int(ov[0]) == 1 and st.free_top[1:3].tolist() == [0, 0], "debt repaid, count reset"
     assert st.row_len[1].tolist() == [0, 0] and int(lp[1]) == 0
     served = [h for h in range(2) if int(st.row_len[2, h])]
@@ -187,14 +192,17 @@ def test_arena_kernels_compile_sm90(compile_sm90):
     ptr = {"arena": "*i32", "k_ptr": "*bf16", "v_ptr": "*bf16", "flags": "*u8", "dec": "*u8"}
     specs = []
     for P, D, E in [(16, 128, 1), (16, 96, 2)]:
-        specs.append((AO, "_pack_kernel", dict(ptr), dict(P=P, D=D, ELEM=E, BLOCK_T=64,
-                                                    BLOCK_D=triton_np2(D), BLOCK_PG=64)))
-        for shift in (0, 1):
-            specs.append((AO, "_decode_store_kernel", dict(ptr),
-                          dict(SHIFT=shift, P=P, D=D, ELEM=E, BLOCK_D=triton_np2(D))))
-    specs.append((AO, "_release_kernel", {}, dict(BLOCK_PG=64)))
+        for has_live in (False, True):
+            specs.append((AO, "_pack_kernel", dict(ptr), dict(
+                P=P, D=D, ELEM=E, BLOCK_T=64, BLOCK_D=triton_np2(D), BLOCK_PG=64,
+                HAS_LIVE=has_live)))
+            for shift in (0, 1):
+                specs.append((AO, "_decode_store_kernel", dict(ptr), dict(
+                    SHIFT=shift, P=P, D=D, ELEM=E, BLOCK_D=triton_np2(D), HAS_LIVE=has_live)))
+    for has_live in (False, True):
+        specs.append((AO, "_release_kernel", {}, dict(BLOCK_PG=64, HAS_LIVE=has_live)))
     for s in specs:  # every pointer arg not named above is an int32 array
-        s[2].update({a: "*i32" for a in "arena cu slots layer_pages overflow pos".split()})
+        s[2].update({a: "*i32" for a in "arena cu slots layer_pages live overflow pos".split()})
     compile_sm90(specs)
 
 

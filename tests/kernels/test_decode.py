@@ -39,6 +39,7 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                 d=torch.rand(n, H, generator=gen) < 0.5) for n in total]
     layer_pages = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     overflow = torch.zeros(1, dtype=torch.int32, device=device)
+    live = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)  # runtime's counter
     ws = decode_workspace(R + 1, Hq, D, num_splits, device)
     scale = D ** -0.5
     done = [0] * R  # tokens in the arena
@@ -51,7 +52,8 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
             cu = torch.tensor([0] + torch.tensor([prompts[i] for i in new]).cumsum(0).tolist(),
                               dtype=torch.int32, device=device)
             sl = torch.tensor([slot_ids[i] for i in new], dtype=torch.int32, device=device)
-            dms_prefill_pack(kv, lay, ks, vs, fl.to(device), cu, sl, layer_pages, overflow)
+            dms_prefill_pack(kv, lay, ks, vs, fl.to(device), cu, sl, layer_pages, overflow,
+                             live=live)
             for i in new:
                 done[i] = prompts[i]
         dec_rows = [i for i in range(R) if arrive[i] < step and done[i] < total[i]]
@@ -65,7 +67,8 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                                dtype=torch.int32, device=device)
             sl = torch.tensor([slot_ids[i] if i is not None else 0 for i in rows],
                               dtype=torch.int32, device=device)
-            dms_decode_store(kv, lay, kb, vb, db, pos, sl, shift, layer_pages, overflow)
+            dms_decode_store(kv, lay, kb, vb, db, pos, sl, shift, layer_pages, overflow,
+                             live=live)
             out = torch.full_like(qb, float("nan"))
             dms_decode_attention(qb, kv, lay, sl, scale, out, ws.acc, ws.m, ws.l)
             assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu())), "padding -> 0"
@@ -74,14 +77,22 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                 check_step(kit, kv, lay, seq[i], done[i], slot_ids[i], shift,
                            out[j].float().cpu(), scale, check_rows)
         assert int(overflow[0]) == 0
+        for i in range(R):  # counter == reference live count summed over heads, every step
+            if arrive[i] <= step:
+                want = int(dms_mask(shifted_flags(seq[i]["d"][:done[i]], shift), W)
+                           [:, done[i] - 1].sum()) if done[i] else 0
+                assert int(live[slot_ids[i]]) == want, (step, i)
+        assert int(live[0]) == 0, "padding rows count nothing"
     for i in range(R):  # final footprint accounting
         want = sum(cdiv(int(st.row_len[slot_ids[i], h]), P) for h in range(H))
         assert int(layer_pages[slot_ids[i]]) == want
     assert int(st.free_top[0]) == top0 - int(layer_pages.sum())
     if check_rows:
         kit.check_pages_conserved(kv, lay)
-    dms_release(kv, lay, torch.tensor(slot_ids, dtype=torch.int32, device=device), layer_pages)
+    dms_release(kv, lay, torch.tensor(slot_ids, dtype=torch.int32, device=device), layer_pages,
+                live=live)
     assert int(st.free_top[0]) == top0 and int(st.row_len.abs().sum()) == 0
+    assert int(live.abs().sum()) == 0
 
 
 def check_step(kit, kv, lay, s, n, slot, shift, got, scale, check_rows):
@@ -137,14 +148,17 @@ def test_decode_overflow(kit, device):
     kvb = torch.ones(1, 1, 16, dtype=torch.bfloat16, device=device)
     no = torch.zeros(1, 1, dtype=torch.bool, device=device)
     slot = torch.tensor([1], dtype=torch.int32, device=device)
+    live = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     for q in range(2):  # tokens 0, 1 fill the one page
         dms_decode_store(kv, lay, kvb, kvb, no, torch.tensor([q], dtype=torch.int32,
-                         device=device), slot, 0, lp, ov)
+                         device=device), slot, 0, lp, ov, live=live)
     assert int(ov[0]) == 0 and int(st.row_len[1, 0]) == 2 and int(st.free_top[0]) == 0
+    assert int(live[1]) == 2
     before = kv.clone()
     dms_decode_store(kv, lay, kvb, kvb, no, torch.tensor([2], dtype=torch.int32, device=device),
-                     slot, 0, lp, ov)
+                     slot, 0, lp, ov, live=live)
     assert int(ov[0]) == 1 and torch.equal(kv, before)
+    assert int(live[1]) == 2, "a refused append counts nothing"
 
 
 def test_decode_compiles_sm90(compile_sm90):

@@ -5,6 +5,10 @@
 * ``dms_prefill_pack``: write a first prefill chunk's DMS survivors densely into empty rows (pops).
 * ``dms_decode_store``: one exact DMS decode step per row: flag, evict-by-reuse or append (pops).
 
+Optional ``live`` (int32 [S1], shared by all layers): each launch keeps it equal to the sum of
+row_len over the slot's rows with one atomic per row (pack adds n_keep, decode adds 1 on append
+and 0 on reuse, release zeroes), so the live KV count reaches the host without reading arenas.
+
 All launch wrappers are CUDA-graph safe: no host syncs and no allocation (only tensor views).
 ``arena_read_row`` is a host-side debug/test reader and is not capture safe.
 
@@ -197,7 +201,7 @@ def _settle(free_top, nprog):
 # ---------------------------------------------------------------------------- release
 @triton.jit
 def _release_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages, slots, layer_pages,
-                    H, MAXP, BLOCK_PG: tl.constexpr):
+                    live, H, MAXP, BLOCK_PG: tl.constexpr, HAS_LIVE: tl.constexpr):
     free_top = arena + o_top
     free_stack = arena + o_stack
     row_len = arena + o_len
@@ -218,31 +222,35 @@ def _release_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages, slots,
         tl.store(row_len + rh, 0)
         tl.store(row_npages + rh, 0)
         tl.store(layer_pages + slot, 0)
+        if HAS_LIVE:
+            tl.store(live + slot, 0)  # every layer's launch zeroes it: idempotent
 
 
 def dms_release(kv_layer: torch.Tensor, layout: ArenaLayout, slots: torch.Tensor,
-                layer_pages: torch.Tensor) -> None:
+                layer_pages: torch.Tensor, live: torch.Tensor | None = None) -> None:
     """Push every sub-page of rows (slot, h) for all h back; rows become empty. slot<=0: skip.
 
-    Slots in one call must be distinct.
+    Slots in one call must be distinct. live int32 [S1] (optional): zeroed for the slots.
     """
     words = arena_words(kv_layer, layout)
     _check(slots, "slots", torch.int32, (None,), kv_layer.device)
     _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), kv_layer.device)
+    live_arg = _live_arg(live, layout, layer_pages)
     if slots.numel() == 0:
         return
     _release_kernel[(slots.numel(), layout.num_kv_heads)](
-        words, *state_word_offsets(layout), slots, layer_pages, layout.num_kv_heads,
-        layout.max_pages_per_row, BLOCK_PG=64, num_warps=1)
+        words, *state_word_offsets(layout), slots, layer_pages, live_arg, layout.num_kv_heads,
+        layout.max_pages_per_row, BLOCK_PG=64, HAS_LIVE=live is not None, num_warps=1)
 
 
 # ---------------------------------------------------------------------------- prefill pack
 @triton.jit
 def _pack_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
-                 k_ptr, v_ptr, flags, cu, slots, layer_pages, overflow,
+                 k_ptr, v_ptr, flags, cu, slots, layer_pages, live, overflow,
                  skt, skh, svt, svh, sft, sfh, H, W, MAXP, NPROG,
                  P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PG: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PG: tl.constexpr,
+                 HAS_LIVE: tl.constexpr):
     free_top = arena + o_top
     free_stack = arena + o_stack
     row_len = arena + o_len
@@ -308,18 +316,21 @@ def _pack_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
             tl.store(row_len + rh, n_keep)
             tl.store(row_npages + rh, npg)
             tl.atomic_add(layer_pages + slot, npg)
+            if HAS_LIVE:
+                tl.atomic_add(live + slot, n_keep)
     _settle(free_top, NPROG)
 
 
 def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
                      v: torch.Tensor, flags: torch.Tensor, cu_seqlens: torch.Tensor,
                      slots: torch.Tensor, layer_pages: torch.Tensor,
-                     overflow: torch.Tensor) -> None:
+                     overflow: torch.Tensor, live: torch.Tensor | None = None) -> None:
     """Pack the DMS survivors of each request's first chunk into its (empty) rows.
 
     k, v [T, H, D] bf16 (last dim contiguous); flags [T, H] bool, already shifted (the flag each
     key owns); cu_seqlens int32 [B+1]; slots int32 [B] (<=0: skip); layer_pages int32 [S1];
-    overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty).
+    overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty);
+    live int32 [S1] (optional): each packed row adds its survivor count.
     """
     words = arena_words(kv_layer, layout)
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
@@ -332,25 +343,27 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     _check(cu_seqlens, "cu_seqlens", torch.int32, (B + 1,), dev)
     _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
     _check(overflow, "overflow", torch.int32, (1,), dev)
+    live_arg = _live_arg(live, layout, layer_pages)
     if B == 0:
         return
     fl = flags.view(torch.uint8)
     _pack_kernel[(B, H)](
-        words, *state_word_offsets(layout), k, v, fl, cu_seqlens, slots, layer_pages, overflow,
+        words, *state_word_offsets(layout), k, v, fl, cu_seqlens, slots, layer_pages, live_arg,
+        overflow,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), fl.stride(0), fl.stride(1),
         H, layout.window, layout.max_pages_per_row, B * H,
         P=layout.block_size, D=D, ELEM=layout.elem_bytes,
         BLOCK_T=64 if kv_layer.is_cuda else 16, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_PG=64, num_warps=4)
+        BLOCK_PG=64, HAS_LIVE=live is not None, num_warps=4)
 
 
 # ---------------------------------------------------------------------------- decode store
 @triton.jit
 def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
-                         k_ptr, v_ptr, dec, pos, slots, layer_pages, overflow,
+                         k_ptr, v_ptr, dec, pos, slots, layer_pages, live, overflow,
                          skb, skh, svb, svh, sdb, sdh, H, W, MAXP, NPROG,
                          SHIFT: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                         ELEM: tl.constexpr, BLOCK_D: tl.constexpr):
+                         ELEM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LIVE: tl.constexpr):
     free_top = arena + o_top
     free_stack = arena + o_stack
     row_len = arena + o_len
@@ -415,12 +428,15 @@ def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
             tl.store(_meta_ptr(data, pg_t, off_t, P, D, ELEM), tl.where(own != 0, q | FLAG_BIT, q))
             tl.store(ring_row + q % W1, target)
             tl.store(row_len + rh, tl.where(reuse, ln, ln + 1))
+            if HAS_LIVE:
+                tl.atomic_add(live + slot, tl.where(reuse, 0, 1))  # branch-free: one per row
     _settle(free_top, NPROG)
 
 
 def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
                      v: torch.Tensor, dec: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
-                     shift: int, layer_pages: torch.Tensor, overflow: torch.Tensor) -> None:
+                     shift: int, layer_pages: torch.Tensor, overflow: torch.Tensor,
+                     live: torch.Tensor | None = None) -> None:
     """One exact DMS decode step per (request, kv head) at query position q = pos[b]:
     (a) shift 1: token q-1 gets flag dec; (b) token q-W-1 leaves the window: its row slot is
     reused iff it is flagged, else the token is appended (popping a sub-page when the row is
@@ -429,7 +445,8 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token);
     pos int32 [B]; slots int32 [B] (<=0: skip); shift 0 or 1; layer_pages int32 [S1];
     overflow int32 [1]: set when a row needs a sub-page it cannot get; that row's new token is
-    then not stored (step (a) has still been applied).
+    then not stored (step (a) has still been applied). live int32 [S1] (optional): +1 per
+    appended row (a reused slot keeps the count).
     """
     words = arena_words(kv_layer, layout)
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
@@ -442,18 +459,29 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     _check(slots, "slots", torch.int32, (B,), dev)
     _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
     _check(overflow, "overflow", torch.int32, (1,), dev)
+    live_arg = _live_arg(live, layout, layer_pages)
     if B == 0:
         return
     dv = dec.view(torch.uint8)
     _decode_store_kernel[(B, H)](
-        words, *state_word_offsets(layout), k, v, dv, pos, slots, layer_pages, overflow,
+        words, *state_word_offsets(layout), k, v, dv, pos, slots, layer_pages, live_arg,
+        overflow,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), dv.stride(0), dv.stride(1),
         H, layout.window, layout.max_pages_per_row, B * H,
         SHIFT=shift, P=layout.block_size, D=D, ELEM=layout.elem_bytes,
-        BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+        BLOCK_D=triton.next_power_of_2(D), HAS_LIVE=live is not None, num_warps=1)
 
 
 # ---------------------------------------------------------------------------- host helpers
+def _live_arg(live: torch.Tensor | None, layout: ArenaLayout,
+              placeholder: torch.Tensor) -> torch.Tensor:
+    # Without a counter the kernels get a placeholder pointer that HAS_LIVE=False never touches.
+    if live is None:
+        return placeholder
+    _check(live, "live", torch.int32, (layout.num_slots,), placeholder.device)
+    return live
+
+
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None,
            device: torch.device | None = None, last_contig: bool = False) -> None:
     assert isinstance(t, torch.Tensor), f"{name} must be a tensor"

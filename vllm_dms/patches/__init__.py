@@ -30,15 +30,19 @@ def require_attr(obj: Any, name: str, where: str) -> Any:
 
 def apply_all(logger: logging.Logger) -> bool:
     """Check, then apply, every patch. Returns False (after logging why) if vLLM's shape differs."""
-    from vllm_dms.patches import cache_dtype, dummy_loader, engine
+    from vllm_dms.patches import cache_dtype, dummy_loader, engine, metrics
 
-    modules = (cache_dtype, engine, dummy_loader)
+    modules = (cache_dtype, engine, dummy_loader, metrics)
     try:
         for mod in modules:
             mod.check()
     except PatchError as e:  # only our own shape check; anything else is a real bug
+        from vllm_dms.version import REQUIRED_VLLM
+
         logger.error("vllm_dms disabled: vLLM internals differ from what the DMS patches "
-                     "expect (%s); --kv-cache-dtype dms_fp8 will be rejected.", e)
+                     "expect (%s); --kv-cache-dtype dms_fp8 will be rejected (other KV-cache "
+                     "dtypes are unaffected). Install the released vllm==%s to use DMS.",
+                     e, REQUIRED_VLLM)
         return False
     for mod in modules:
         mod.apply()

@@ -7,7 +7,8 @@ flags fail fast with a message naming the field or flag.
 * ``kv_cache_dtype == "dms_fp8"``: DMSConfig from the local checkpoint; architectures routed
   to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
   when the user asked for them and switched off (one log line) when merely on by default;
-  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler.
+  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler, and this process's
+  InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: routed to the DMS model class (no-evict mode).
 * other dtypes, any other checkpoint: untouched.
 """
@@ -63,7 +64,8 @@ def check() -> None:
     names = {f for f in EngineArgs.__dataclass_fields__}
     wanted = {"model", "kv_cache_dtype", "hf_overrides", "attention_backend", "attention_config",
               "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
-              "max_model_len", "async_scheduling", "scheduler_cls", "block_size"}
+              "max_model_len", "async_scheduling", "scheduler_cls", "block_size",
+              "enable_sleep_mode"}
     wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
@@ -101,6 +103,13 @@ def _prepare_dms(args: Any) -> DMSConfig:
             "download the model and pass its directory")
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
     dms = DMSConfig.from_checkpoint(args.model, overrides)
+    from vllm_dms.backend import DMSCompactAttentionBackend  # lazy: torch, no CUDA init
+
+    if not DMSCompactAttentionBackend.supports_head_size(dms.head_dim):
+        raise DMSConfigError(
+            f"{args.model}: head_dim={dms.head_dim} is not supported by the DMS attention "
+            f"backend (needs a multiple of 16, at most 256); serve this checkpoint with "
+            f"--kv-cache-dtype auto (no-evict mode) instead of {DMS_DTYPE}")
     _reject_unsupported(args)
     switched_off = []
     if args.enable_prefix_caching is None:
@@ -141,6 +150,9 @@ def _reject_unsupported(args: Any) -> None:
                "one step)")
     if args.async_scheduling:
         reject("--async-scheduling", "async scheduling (DMS needs synchronous steps)")
+    if args.enable_sleep_mode:
+        reject("--enable-sleep-mode", "sleep mode (waking re-maps the KV memory that holds the "
+               "DMS arena state without re-initialising it)")
     for attr, flag, what in _PARALLEL:
         if (getattr(args, attr) or 1) > 1:
             reject(flag, f"{what} > 1")
@@ -177,6 +189,8 @@ def _finish_dms(vllm_config: Any) -> None:
             f"--max-num-batched-tokens: max_num_batched_tokens={sc.max_num_batched_tokens} < "
             f"max_model_len={max_len} (chunked prefill is off with {DMS_DTYPE})")
     sc.scheduler_cls = SCHEDULER_PATH
+    from vllm_dms.validation import install_frontend_check
+    install_frontend_check()  # this process builds the front-end that will use this config
 
 
 # ----------------------------------------------------------------------------- other dtypes
@@ -186,12 +200,22 @@ def _route_no_evict(args: Any) -> None:
         return
     if not has_dms_fields(args.model):
         return
-    arch = _checkpoint_arch(args.model, args.hf_overrides)
+    # Never serve a DMS checkpoint as a plain model (its decision lane would stay live in
+    # attention), and never let the DMS model class fail later in the worker: validate here.
+    why = (f"{args.model} has DMS fields, so --kv-cache-dtype {args.kv_cache_dtype} serves it "
+           "with the DMS model in no-evict mode (decision lane zeroed), which needs them valid; "
+           "fix the checkpoint, or remove its dms_* fields / dms_metadata.json if it was not "
+           "trained with DMS")
+    archs, arch = _checkpoint_arch(args.model, args.hf_overrides)
     if arch is None:
-        _logger().warning(
-            "vllm_dms: %s has DMS fields but an architecture DMS does not support; serving it "
-            "as a stock model (DMS lane not zeroed)", args.model)
-        return
+        raise DMSConfigError(f"{why}. Its architectures={archs!r} are not supported by DMS "
+                             f"(supported: {sorted(SUPPORTED_ARCHS)}), so the decision lane "
+                             "cannot be zeroed")
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
+    try:
+        DMSConfig.from_checkpoint(args.model, overrides, compact=False)
+    except DMSConfigError as e:
+        raise DMSConfigError(f"{e} ({why})") from None
     target = DMS_ARCHITECTURES[arch]
     args.hf_overrides = _route(args.hf_overrides, target)
     _logger().info(
@@ -200,13 +224,14 @@ def _route_no_evict(args: Any) -> None:
         "DMS cache", args.model, args.kv_cache_dtype, target, DMS_DTYPE)
 
 
-def _checkpoint_arch(model_dir: str, hf_overrides: Any) -> str | None:
+def _checkpoint_arch(model_dir: str, hf_overrides: Any) -> tuple[list, str | None]:
+    """(architectures, the DMS arch they map to or None)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         hf = json.load(f)
     if isinstance(hf_overrides, dict):
         hf.update(hf_overrides)
-    return next((SUPPORTED_ARCHS[a] for a in hf.get("architectures") or []
-                 if a in SUPPORTED_ARCHS), None)
+    archs = hf.get("architectures") or []
+    return archs, next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
 
 
 # ----------------------------------------------------------------------------- helpers

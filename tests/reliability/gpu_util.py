@@ -1,0 +1,158 @@
+"""Helpers for the GPU reliability tests (test_gpu_offline.py, test_gpu_server.py).
+
+Checkpoint: a random-weight Llama with DMS fields built by benchmarks/make_random_llama.py
+(tokenizer from $VLLM_DMS_TOKENIZER_DIR, else SmolLM2's from vllm_dms.checkpoints), plus a
+plain copy without the DMS fields. $VLLM_DMS_TEST_CKPT overrides the DMS checkpoint.
+Engines run in fresh interpreters (plugin loading and CUDA state are per process).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MARK = "DMS_GPU_RESULT="
+BLOCK = 64  # --block-size default with dms_fp8 (patches/engine.py DMS_BLOCK_SIZE)
+
+
+def build_checkpoints(root: str) -> tuple[str, str]:
+    """(dms_dir, plain_dir)."""
+    dms_dir = os.environ.get("VLLM_DMS_TEST_CKPT")
+    if not dms_dir:
+        dms_dir = os.path.join(root, "random-llama-dms")
+        tok = os.environ.get("VLLM_DMS_TOKENIZER_DIR")
+        if not tok:
+            from vllm_dms.checkpoints import smollm2_base
+            tok = smollm2_base()
+        subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "make_random_llama.py"),
+                        dms_dir, tok], check=True, timeout=900)
+    plain = os.path.join(root, "random-llama-plain")
+    os.makedirs(plain, exist_ok=True)
+    for name in os.listdir(dms_dir):
+        src, dst = os.path.join(dms_dir, name), os.path.join(plain, name)
+        if name != "config.json" and os.path.isfile(src) and not os.path.exists(dst):
+            os.symlink(src, dst)
+    cfg = json.load(open(os.path.join(dms_dir, "config.json")))
+    json.dump({k: v for k, v in cfg.items() if not k.startswith("dms_")},
+              open(os.path.join(plain, "config.json"), "w"))
+    return dms_dir, plain
+
+
+def kv_bytes_for_blocks(model_dir: str, blocks: int, block_size: int = BLOCK) -> int:
+    """--kv-cache-memory-bytes that gives exactly `blocks` DMS blocks (FP8, all layers)."""
+    from vllm_dms.arena import spec_page_bytes
+    c = json.load(open(os.path.join(model_dir, "config.json")))
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    page = spec_page_bytes(c["num_key_value_heads"], hd, block_size)
+    return blocks * page * c["num_hidden_layers"]
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 30000) for _ in range(length)] for _ in range(n)]
+
+
+PRELUDE = """
+import json, os, sys
+A = json.loads(sys.argv[1])
+out = {}
+def greedy(llm, prompts, n, **kw):
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in res]
+def metric(llm, prefix):
+    return sum(m.value for m in llm.get_metrics() if m.name.startswith(prefix)
+               and hasattr(m, "value"))
+"""
+
+
+def run_py(body: str, args: dict, env: dict | None = None, timeout: int = 900) -> dict:
+    """Run PRELUDE + body in a fresh interpreter; body fills `out` (JSON)."""
+    code = PRELUDE + textwrap.dedent(body) + f"\nprint({MARK!r} + json.dumps(out), flush=True)\n"
+    e = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(env or {})
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
+                       text=True, env=e, timeout=timeout, cwd=REPO)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)]
+    assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-6000:]
+    return json.loads(lines[-1][len(MARK):])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`vllm serve MODEL ARGS...` in its own process group; `with Server(...) as s: s.url`."""
+
+    def __init__(self, model: str, *args: str, env: dict | None = None, timeout: int = 900):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+                    "--port", str(self.port), *args]
+        self.env = dict(os.environ, **(env or {}))
+        self.timeout = timeout
+
+    def __enter__(self):
+        import requests
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()[-6000:]
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"server did not start: {self.cmd}")
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text -> {series name (labels dropped): summed value}."""
+        import requests
+        vals: dict[str, float] = {}
+        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[-1]
+            vals[name] = vals.get(name, 0.0) + float(value)
+        return vals
+
+    def complete(self, prompt, **kw):
+        import requests
+        body = dict(model=self.cmd[4], prompt=prompt, temperature=0.0, **kw)
+        return requests.post(self.url + "/v1/completions", json=body, timeout=300)
+
+    def rss_bytes(self) -> int:
+        """RSS of the server's whole process group (front-end + engine core)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getpgid(int(pid)) != self.proc.pid:
+                    continue
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
+            except (OSError, StopIteration):
+                pass
+        return total
