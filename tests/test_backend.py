@@ -240,3 +240,38 @@ def test_impl_chunked_prefill_matches_one_shot(shift, W):
             ic, io = rc["pos"].argsort(), ro["pos"].argsort()
             for key in ("pos", "flag", "k", "v"):
                 assert torch.equal(rc[key][ic], ro[key][io]), (i, h, key)
+
+
+def test_builder_splits_first_and_continuation_chunks():
+    """build() without a worker: n0 = seq_len - query_len (device tensors), first-chunk and
+    continuation slots split; exact CPU seq_lens without continuations keep the one-shot path."""
+    from vllm_dms.backend import DMSMetadataBuilder
+    lay = ArenaLayout(num_layers=1, num_kv_heads=2, head_dim=32, block_size=16, window=3,
+                      max_num_seqs=3, max_model_len=64, num_blocks=0)
+    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 4})
+    kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
+    rt = DMSRuntime(_dms(1, 3), lay, ["l0"], 4, DEV)
+    rt.init_arenas([kv])
+    b = object.__new__(DMSMetadataBuilder)  # only what build() reads
+    b.runtime, b._kv_layers = rt, (lambda: [kv])
+    b._slots, b._pos = (torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(2))
+
+    def cam(qsl, seq, slots, cpu_seq=True):
+        t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+        return types.SimpleNamespace(
+            query_start_loc=t(qsl).to(DEV), query_start_loc_cpu=t(qsl), seq_lens=t(seq).to(DEV),
+            seq_lens_cpu_upper_bound=t(seq) if cpu_seq else None, num_reqs=len(seq),
+            num_actual_tokens=qsl[-1], max_query_len=max(x - y for x, y in zip(qsl[1:], qsl)),
+            block_table_tensor=t([[s] for s in slots]).to(DEV))
+
+    # a decode (slot 3), a first chunk of 5 (slot 1), a continuation of 4 after 6 (slot 2)
+    for cpu_seq in (True, False):
+        md = b.build(0, cam([0, 1, 6, 10], [9, 5, 10], [3, 1, 2], cpu_seq))
+        assert (md.num_decodes, md.num_prefills, md.max_prefill_len) == (1, 2, 5)
+        assert md.prefill_n0.tolist() == [0, 6] and md.prefill_cu.tolist() == [0, 5, 9]
+        assert md.prefill_first_slots.tolist() == [1, 0]
+        assert md.prefill_cont_slots.tolist() == [0, 2]
+    md = b.build(0, cam([0, 1, 6], [9, 5], [3, 1]))  # first chunks only: the one-shot path
+    assert md.prefill_cont_slots is None and md.prefill_n0 is None
+    md = b.build(0, cam([0, 5], [5], [1], cpu_seq=False))  # unknown: chunk path, n0 = 0
+    assert md.prefill_n0.tolist() == [0] and md.prefill_cont_slots.tolist() == [0]

@@ -46,7 +46,7 @@ class DMSRuntime:
         from vllm_dms.kernels.arena_ops import arena_init
         for kv in kv_layers:
             arena_init(kv, self.layout)
-        self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never keep a dead engine's KV
+        self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never pin a dead engine
         self.initialized = True
 
     def serves(self, kv_layers: list[torch.Tensor]) -> bool:

@@ -16,7 +16,9 @@ unflagged ones). Per layer, in order:
 Pack, per (request, kv head), inside one program separated by barriers: (1) find the holes via
 the ring; (2) pop sub-pages; (3) park hole j's row slot in ring[(c_lo + j) % (W+1)] (those
 entries belong to positions that are rewritten in (5)); (4) write survivors; (5) rewrite the
-ring for the chunk's in-window tokens. All launch wrappers are capture safe.
+ring for the chunk's in-window tokens. tl.debug_barrier (bar.sync) orders the ring scratch
+between the program's threads; its re-reads are volatile (no stale L1 lines).
+All launch wrappers are capture safe: no host syncs, no allocation (only tensor views).
 """
 from __future__ import annotations
 
@@ -244,6 +246,7 @@ def _chunk_pack_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
             f = tl.load(flags + (start + tk).to(tl.int64) * sft + h * sfh, mask=valid, other=0)
             n_keep += tl.sum((valid & ((n - 1 - tk <= W) | (f == 0))).to(tl.int32), 0)
         new_len = ln - ndrop + n_keep  # >= ln: n_keep >= min(n, W+1) >= candidates >= ndrop
+        # (2) pop the sub-pages the longer row needs (a row never shrinks: nothing to push)
         need = tl.maximum((new_len + P - 1) // P - npg, 0)
         old = tl.full((), 0, tl.int32)
         ok = npg + need <= MAXP

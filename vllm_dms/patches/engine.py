@@ -9,7 +9,8 @@ flags fail fast with a message naming the field or flag.
   when the user asked for them and switched off (one log line) when merely on by default;
   afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler, and this process's
   InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
-* other dtypes, checkpoint with DMS fields: routed to the DMS model class (no-evict mode).
+* other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
+  model class (no-evict mode); never served as a plain model with its decision lane live.
 * other dtypes, any other checkpoint: untouched.
 """
 from __future__ import annotations
