@@ -28,14 +28,13 @@ for every model, async_llm.py:123-130).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 from vllm_dms import DMS_DTYPE
-from vllm_dms.scheduler import METRICS_ENV, STATS_KEY
+from vllm_dms.scheduler import STATS_KEY
 
 # DMSKVCacheManager.gauges() key -> documentation of gauge vllm:dms_<key>.
 GAUGES = {

@@ -332,18 +332,11 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty);
     live int32 [S1] (optional): each packed row adds its survivor count.
     """
-    words = arena_words(kv_layer, layout)
-    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
-    T = k.shape[0]
-    _check(k, "k", torch.bfloat16, (T, H, D), dev, last_contig=True)
-    _check(v, "v", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    dev, H, D, T = kv_layer.device, layout.num_kv_heads, layout.head_dim, k.shape[0]
+    words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
+                                          live, T)
     _check(flags, "flags", torch.bool, (T, H), dev)
-    B = slots.shape[0]
-    _check(slots, "slots", torch.int32, (B,), dev)
     _check(cu_seqlens, "cu_seqlens", torch.int32, (B + 1,), dev)
-    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
-    _check(overflow, "overflow", torch.int32, (1,), dev)
-    live_arg = _live_arg(live, layout, layer_pages)
     if B == 0:
         return
     fl = flags.view(torch.uint8)
@@ -448,18 +441,12 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     then not stored (step (a) has still been applied). live int32 [S1] (optional): +1 per
     appended row (a reused slot keeps the count).
     """
-    words = arena_words(kv_layer, layout)
-    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
-    B = slots.shape[0]
     assert shift in (0, 1), f"shift must be 0 or 1, got {shift!r}"
-    _check(k, "k", torch.bfloat16, (B, H, D), dev, last_contig=True)
-    _check(v, "v", torch.bfloat16, (B, H, D), dev, last_contig=True)
+    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
+    words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
+                                          live, slots.shape[0])
     _check(dec, "dec", torch.bool, (B, H), dev)
     _check(pos, "pos", torch.int32, (B,), dev)
-    _check(slots, "slots", torch.int32, (B,), dev)
-    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
-    _check(overflow, "overflow", torch.int32, (1,), dev)
-    live_arg = _live_arg(live, layout, layer_pages)
     if B == 0:
         return
     dv = dec.view(torch.uint8)
@@ -513,3 +500,18 @@ def arena_read_row(kv_layer: torch.Tensor, layout: ArenaLayout, slot: int, h: in
     meta = data[midx].view(torch.int32)[:, 0].long()
     return dict(k=data[kidx].view(sdt).float(), v=data[kidx + P * D * E].view(sdt).float(),
                 pos=meta & 0x7FFFFFFF, flag=meta < 0, pages=pages.tolist())
+
+
+def check_store_args(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
+                     v: torch.Tensor, slots: torch.Tensor, layer_pages: torch.Tensor,
+                     overflow: torch.Tensor, live: torch.Tensor | None, n_tok: int):
+    """Checks shared by every store wrapper; returns (int32 words, batch size, live arg)."""
+    words = arena_words(kv_layer, layout)
+    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
+    _check(k, "k", torch.bfloat16, (n_tok, H, D), dev, last_contig=True)
+    _check(v, "v", torch.bfloat16, (n_tok, H, D), dev, last_contig=True)
+    B = slots.shape[0]
+    _check(slots, "slots", torch.int32, (B,), dev)
+    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
+    _check(overflow, "overflow", torch.int32, (1,), dev)
+    return words, B, _live_arg(live, layout, layer_pages)

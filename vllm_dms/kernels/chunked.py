@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _live_arg, _load_kv,
+from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _load_kv,
                                         _meta_ptr, _pop, _settle, _write_kv, arena_words,
+                                        check_store_args,
                                         state_word_offsets)
 from vllm_dms.kernels.prefill import LOG2E, _online_step
 
@@ -325,19 +326,12 @@ def dms_chunk_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
     sub-pages it cannot get; that row is left as it was. Pops only (rows never shrink).
     live int32 [S1] (optional, see arena_ops): each packed row adds its growth.
     """
-    words = arena_words(kv_layer, layout)
-    dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
-    T = k.shape[0]
-    _check(k, "k", torch.bfloat16, (T, H, D), dev, last_contig=True)
-    _check(v, "v", torch.bfloat16, (T, H, D), dev, last_contig=True)
+    dev, H, D, T = kv_layer.device, layout.num_kv_heads, layout.head_dim, k.shape[0]
+    words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
+                                          live, T)
     _check(flags, "flags", torch.bool, (T, H), dev)
-    B = slots.shape[0]
-    _check(slots, "slots", torch.int32, (B,), dev)
     _check(n0, "n0", torch.int32, (B,), dev)
     _check(cu_seqlens, "cu_seqlens", torch.int32, (B + 1,), dev)
-    _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
-    _check(overflow, "overflow", torch.int32, (1,), dev)
-    live_arg = _live_arg(live, layout, layer_pages)
     if B == 0:
         return
     fl = flags.view(torch.uint8)
