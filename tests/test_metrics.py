@@ -88,8 +88,10 @@ class ArenaWorker:
             self.rt.release(self.kvs, freed)
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)
-        for r in out.scheduled_new_reqs:
-            self.slot[r.req_id] = r.block_ids[0][0]
+        for r in out.scheduled_new_reqs:  # block id = slot + S1 * owner tag
+            slot, tag = divmod(r.block_ids[0][0], self.layout.num_slots)[::-1]
+            self.slot[r.req_id] = slot
+            self.rt.slot_tag[slot] = tag  # what DMSMetadataBuilder.build decodes
         i32 = dict(dtype=torch.int32)
         for rid, k in out.num_scheduled_tokens.items():
             done = sched.requests[rid].num_computed_tokens - k
@@ -182,9 +184,10 @@ def test_gauges_from_simulated_channel(dms, llama_dir, monkeypatch):  # noqa: F8
         sched.add_request(make_request(rid, n, 8))
     sched.schedule()
     sx, sy = mgr.slot_of("x"), mgr.slot_of("y")
-    CHANNEL.feedback[sx] = torch.tensor([30, 4, 50], dtype=torch.int32)  # (n_done, pages, live)
-    CHANNEL.feedback[sy] = torch.tensor([12, 2, 48], dtype=torch.int32)
-    CHANNEL.feedback[S] = torch.tensor([99, 9, 999], dtype=torch.int32)  # nobody's slot: ignored
+    gx, gy = mgr._gen[sx], mgr._gen[sy]  # (n_done, pages, live, owner tag)
+    CHANNEL.feedback[sx] = torch.tensor([30, 4, 50, gx], dtype=torch.int32)
+    CHANNEL.feedback[sy] = torch.tensor([12, 2, 48, gy], dtype=torch.int32)
+    CHANNEL.feedback[S] = torch.tensor([99, 9, 999, 0], dtype=torch.int32)  # nobody's: ignored
     page = mgr.layout.page_bytes * L
     got = sched.make_stats().kv_connector_stats[STATS_KEY]
     dense = (30 + 12) * L * H

@@ -52,15 +52,18 @@ def model_dir(root: Path, fixture: str = LLAMA_1B_LIKE) -> str:
 
 def make_vllm_config(model: str, *, max_num_seqs: int, max_num_batched_tokens: int,
                      max_model_len: int, block_size: int = 16,
-                     enable_prefix_caching: bool = False) -> VllmConfig:
+                     enable_prefix_caching: bool = False,
+                     async_scheduling: bool = False) -> VllmConfig:
     sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          max_model_len=max_model_len, is_encoder_decoder=False,
-                         enable_chunked_prefill=True, async_scheduling=False)
+                         enable_chunked_prefill=True, async_scheduling=async_scheduling)
     mc = ModelConfig(model=model, dtype="bfloat16", seed=0, skip_tokenizer_init=True,
                      max_model_len=max_model_len)
     cc = CacheConfig(block_size=block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
                      enable_prefix_caching=enable_prefix_caching)
-    return VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc)
+    vc = VllmConfig(scheduler_config=sc, model_config=mc, cache_config=cc)
+    vc.scheduler_config.async_scheduling = async_scheduling  # the CPU platform forces it off
+    return vc
 
 
 def layer_names(n: int) -> list[str]:
@@ -152,11 +155,12 @@ def dms_live_8x(window: int):
 
 class SimWorker:
     """Plays the DMS worker: learns slots only from SchedulerOutput, drains CHANNEL.release
-    before packing, and after each step writes CHANNEL.measured = (n_done, pages_max)."""
+    before packing, and after each step writes its CHANNEL row (n_done, pages_max, 0, tag)."""
 
     def __init__(self, mgr, live_fn, report=lambda rid: True):
         self.mgr, self.layout, self.live_fn, self.report = mgr, mgr.layout, live_fn, report
         self.slot: dict[str, int] = {}
+        self.tag: dict[str, int] = {}  # owner tag decoded from the block id
         self.live: dict[str, tuple[int, int]] = {}  # rid -> (n_done, live tokens per row)
         self.released: list[int] = []
 
@@ -179,7 +183,8 @@ class SimWorker:
         for rid, ids in new:
             assert len(ids) == 1 and len(ids[0]) == 1, (rid, ids)
             assert rid not in self.slot
-            self.slot[rid], self.live[rid] = ids[0][0], (0, 0)
+            S1 = self.layout.num_slots
+            self.slot[rid], self.tag[rid], self.live[rid] = ids[0][0] % S1, ids[0][0] // S1, (0, 0)
         assert self.slot == self.mgr._slot_of
         H, P = self.layout.num_kv_heads, self.layout.block_size
         for rid, k in out.num_scheduled_tokens.items():
@@ -187,8 +192,9 @@ class SimWorker:
             n_prev, live_prev = self.live[rid]
             assert n_prev == n - k, (rid, n_prev, n, k)
             # The reservation is exactly the arena's function of what this worker last reported.
-            row = tuple(CHANNEL.measured[self.slot[rid]].tolist())
-            want = self.layout.reservation_blocks(n, row if row[0] == n_prev else None)
+            row = tuple(CHANNEL.feedback[self.slot[rid]].tolist())
+            ok = row[3] == self.tag[rid] and 0 <= row[0] <= n_prev  # this owner's, maybe lagging
+            want = self.layout.reservation_blocks(n, row[:2] if ok else None)
             assert self.mgr.held_blocks(rid) == want, (rid, n, row, want)
             live = self.live_fn(rid, n_prev, live_prev, n)
             self.live[rid] = (n, live)
@@ -196,7 +202,8 @@ class SimWorker:
             # The ledger covers what the GPU holds: a pop never underflows the free stack.
             assert pages_max <= H * self.mgr.held_blocks(rid), (rid, pages_max)
             if self.report(rid):
-                CHANNEL.measured[self.slot[rid]] = torch.tensor([n, pages_max], dtype=torch.int32)
+                CHANNEL.feedback[self.slot[rid]] = torch.tensor([n, pages_max, 0, self.tag[rid]],
+                                                                dtype=torch.int32)
         used = sum(H * cdiv(lv, P) for _, lv in self.live.values())
         assert used <= self.layout.num_data_subpages
         return runner_output(sched, out)

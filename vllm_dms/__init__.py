@@ -13,6 +13,7 @@ from vllm_dms.version import REQUIRED_VLLM, __version__
 DMS_DTYPE = "dms_fp8"
 BACKEND_PATH = "vllm_dms.backend.DMSCompactAttentionBackend"
 SCHEDULER_PATH = "vllm_dms.scheduler.DMSScheduler"
+ASYNC_SCHEDULER_PATH = "vllm_dms.scheduler.DMSAsyncScheduler"  # with --async-scheduling
 # DMSConfig.arch -> architecture name we route DMS checkpoints to.
 DMS_ARCHITECTURES = {"llama": "DMSLlamaForCausalLM", "qwen3": "DMSQwen3ForCausalLM"}
 MODEL_CLASSES = {

@@ -45,8 +45,9 @@ sub-pages from each layer's free stack; the ledger guarantees that, per layer, t
 request holds never exceed H * (its blocks), so a pop never underflows. The kernels still check
 and raise an overflow flag instead of writing out of bounds.
 
-The worker sees exactly one block id per request: its slot s in [1, max_num_seqs], stable from
-first scheduling to free/preemption. Freed slots are queued (``RELEASE``) and their sub-pages are
+The worker sees exactly one block id per request: its slot s in [1, max_num_seqs] plus S1 times
+the slot's owner tag (``channel.encode_block_id``), stable from first scheduling to
+free/preemption. Freed slots are queued (``RELEASE``) and their sub-pages are
 pushed back to the free stacks at the start of the next step, before any new request packs.
 
 Reservation (``reservation_blocks``)

@@ -97,6 +97,16 @@ def prefill_chunk_rows(slots: torch.Tensor, n0: torch.Tensor) -> tuple[torch.Ten
     return slots - cont, cont
 
 
+def decode_block_ids(ids: torch.Tensor, num_slots: int, slots_out: torch.Tensor,
+                     slot_tag: torch.Tensor) -> torch.Tensor:
+    """Block id = slot + num_slots * tag (scheduler side: channel.encode_block_id); on the GPU,
+    no sync. Writes the slots into slots_out and each slot's owner tag into slot_tag."""
+    torch.remainder(ids, num_slots, out=slots_out)  # padded rows hold block 0 -> slot 0 (none)
+    slot_tag.index_copy_(0, slots_out.long(), torch.div(ids, num_slots, rounding_mode="floor")
+                         .to(slot_tag.dtype))
+    return slots_out
+
+
 class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
     # Decode-only steps replay a full CUDA graph: every tensor the kernels read lives in a
     # persistent buffer below (or in the runtime), and the kernels neither sync nor allocate.
@@ -158,9 +168,9 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
         qsl_cpu = cam.query_start_loc_cpu
         n = cam.num_reqs
-        self._slots[:n].copy_(cam.block_table_tensor[:n, 0])  # padded rows hold block 0 = no slot
+        slots = decode_block_ids(cam.block_table_tensor[:n, 0], rt.layout.num_slots,
+                                 self._slots[:n], rt.slot_tag)
         self._pos[:nd].copy_(cam.seq_lens[:nd] - 1)
-        slots = self._slots[:n]
         max_pf, has_cont = 0, False
         if npf:
             q_lens = qsl_cpu[nd + 1: cam.num_reqs + 1] - qsl_cpu[nd: cam.num_reqs]

@@ -28,8 +28,9 @@ class DMSRuntime:
         self.layer_pages = torch.zeros(L, S1, **i32)    # sub-pages held per (layer, slot)
         self.slot_ntok = torch.zeros(S1, **i32)         # tokens in the arena per slot
         self.slot_live = torch.zeros(S1, **i32)         # live rows' tokens per slot (all layers)
+        self.slot_tag = torch.zeros(S1, **i32)          # owner tag each slot was last scheduled with
         self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
-        self.feedback = torch.zeros(S1, 3, **i32)       # (n_done, pages_max, live) for the host
+        self.feedback = torch.zeros(S1, 4, **i32)       # (n_done, pages_max, live, tag) for the host
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
         D = layout.head_dim
@@ -67,17 +68,18 @@ class DMSRuntime:
         return int(self.layer_pages[:, slot].sum()) * self.layout.subpage_bytes
 
     def publish(self) -> None:
-        """Stage (n_done, pages_max, live) per slot; the scheduler reads it after the sync."""
+        """Stage (n_done, pages_max, live, tag) per slot; lands on the host after this step."""
         from vllm_dms.channel import CHANNEL
         self.feedback[:, 0].copy_(self.slot_ntok)
         self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
         self.feedback[:, 2].copy_(self.slot_live)
+        self.feedback[:, 3].copy_(self.slot_tag)  # lets the scheduler drop a previous owner's row
         CHANNEL.ensure(self.layout.num_slots)
         CHANNEL.feedback.copy_(self.feedback, non_blocking=True)  # one copy per step
         self.overflow_host.copy_(self.overflow, non_blocking=True)
 
     def check_overflow(self) -> None:
-        """Called before each step: the previous step's copy has landed (sync scheduling)."""
+        """Called before each step: sees the last copy that has landed (one step later if async)."""
         if int(self.overflow_host[0]):
             from vllm_dms.channel import CHANNEL
             CHANNEL.overflow = True

@@ -4,17 +4,29 @@ The design is in ``vllm_dms.arena`` (module docstring). Scheduler-side contract:
 
 * Blocks ``[1, first_data_block)`` of the pool hold the arena's state region; they are taken off
   the pool once, at startup, and never returned.
-* Each running request owns ONE visible block id: its slot ``s`` in ``[1, max_num_seqs]``
-  (a ``KVCacheBlock`` fabricated here, never from the pool). The worker sees ``[s]`` when the
-  request is (re)scheduled as new or resumed and no new block ids afterwards.
+* Each running request owns ONE visible block id: its slot ``s`` in ``[1, max_num_seqs]`` and the
+  slot's generation ``g`` (bumped at every assignment, mod ``TAG_GENERATIONS``), encoded as
+  ``s + S1 * g`` (a ``KVCacheBlock`` fabricated here, never from the pool). The worker sees it
+  when the request is (re)scheduled as new or resumed and no new block ids afterwards; it
+  publishes ``g`` with the slot's measurement, so a row of a previous owner is never trusted.
 * Its reservation is a list of hidden pool blocks, resized on every ``allocate_slots`` to
   ``layout.reservation_blocks(n, measured)``: grown from the pool (``None`` when it does not
   fit, so vLLM preempts or blocks the queue exactly as for dense KV) or shrunk (surplus goes back).
 * ``free`` (finish, abort, preemption) returns the hidden blocks and the slot, and queues the slot
   on ``CHANNEL.release`` for the worker.
 
-Sync scheduling only: the reservation reads the worker's measurement of the previous step
-(``CHANNEL.measured``), which async scheduling would not have yet.
+Sync or async scheduling (``DMSScheduler`` / ``DMSAsyncScheduler``): the reservation reads the
+worker's latest landed measurement of this owner (``CHANNEL``), which may lag by a step or two;
+``reservation_blocks`` adds the growth since then (``_measured``).
+
+Release ordering under async scheduling (vLLM's batch queue, ``EngineCore.step_with_batch_queue``:
+schedule N+1, enqueue N+1, then update_from_output(N)): a slot freed during schedule (preemption),
+an abort, or update_from_output(N) goes to the free heap and ``CHANNEL.release`` at once, so only a
+later ``allocate_slots`` can hand it out, and the worker drains ``release`` in build() of the next
+step it executes, i.e. in the same thread before that step's packs, and on the same CUDA stream
+after every already-enqueued step, including N+1 which may still write the old owner's row (a
+request that finished in N is often scheduled once more in N+1). Its ledger blocks go back to the
+pool at the same time and are only popped on the GPU by steps enqueued after that release.
 
 Startup refuses (``DMSConfigError``) an arena that cannot hold one unmeasured max_model_len
 request, so a request that can never fit is impossible after startup: every request is capped at
@@ -33,13 +45,14 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.channel import CHANNEL
+from vllm_dms.channel import CHANNEL, TAG_GENERATIONS, encode_block_id
 from vllm_dms.config import DMSConfigError
 from vllm_dms.spec import DMSCompactSpec
 from vllm_dms.validation import request_problem
@@ -106,11 +119,17 @@ class DMSKVCacheManager(KVCacheManager):
                 f"--kv-cache-memory-bytes / --num-gpu-blocks-override; a lower --max-num-seqs "
                 f"also shrinks the state region)")
 
+        S1 = self.layout.num_slots
+        # The runner computes block_id * block_size (+ offset) in int32: keep the largest id safe.
+        if S1 * TAG_GENERATIONS * self.layout.block_size >= 2 ** 31:
+            raise DMSConfigError(
+                f"DMS: max_num_seqs={max_num_seqs} with block size {self.layout.block_size} "
+                f"makes tagged block ids overflow int32; lower --max-num-seqs or --block-size")
         self.max_num_seqs = max_num_seqs
         self._free_slots = list(range(1, max_num_seqs + 1))  # a sorted list is a valid heap
-        # Fabricated once per slot; never enter the pool, only their block_id is read.
-        self._slot_blocks = [KVCacheBlocks(((KVCacheBlock(s),),))
-                             for s in range(max_num_seqs + 1)]
+        self._gen = [0] * S1  # per slot, bumped at every assignment: the owner tag
+        # Fabricated per assignment; never enter the pool, only their block_id is read.
+        self._blocks_of: dict[str, KVCacheBlocks] = {}
         self._slot_of: dict[str, int] = {}
         self._held: dict[str, list[KVCacheBlock]] = {}
         self.num_held = 0
@@ -139,14 +158,22 @@ class DMSKVCacheManager(KVCacheManager):
                 f"{lay.first_data_block} for the state region), i.e. at most "
                 f"{self.num_usable * P} tokens per request")
 
+    def _row(self, slot: int) -> tuple[int, int, int, int] | None:
+        """The slot's landed row if it was written for its current owner (tag == generation)."""
+        row = CHANNEL.read_row(slot)
+        if row is None or row[0] < 0 or row[3] != self._gen[slot]:
+            return None
+        return row
+
     def _measured(self, request: Request, slot: int | None) -> tuple[int, int] | None:
         if slot is None:
             return None
-        row = CHANNEL.read(slot)
-        # Trust the worker only about the exact state the scheduler is extending.
-        if row is None or row[0] != request.num_computed_tokens:
+        row = self._row(slot)
+        # A lagging row (async: one or two steps old) is fine: reservation_blocks adds the growth
+        # n - n_done; a row ahead of the scheduler's state is not ours to trust.
+        if row is None or row[0] > request.num_computed_tokens:
             return None
-        return row
+        return row[0], row[1]
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        num_new_computed_tokens: int = 0,
@@ -187,6 +214,9 @@ class DMSKVCacheManager(KVCacheManager):
                 return None  # unreachable while len(running) <= max_num_seqs
             slot = heapq.heappop(self._free_slots)
             self._slot_of[rid] = slot
+            gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
+            self._blocks_of[rid] = KVCacheBlocks(((KVCacheBlock(
+                encode_block_id(slot, gen, self.layout.num_slots)),),))
             CHANNEL.invalidate(slot)
         if grow > 0:
             held.extend(self.block_pool.get_new_blocks(grow))
@@ -196,7 +226,7 @@ class DMSKVCacheManager(KVCacheManager):
             self.block_pool.free_blocks(reversed(surplus))
         self._held[rid] = held
         self.num_held += grow
-        return self._slot_blocks[slot] if new else self.empty_kv_cache_blocks
+        return self._blocks_of[rid] if new else self.empty_kv_cache_blocks
 
     def free(self, request: Request) -> None:
         rid = request.request_id
@@ -205,6 +235,7 @@ class DMSKVCacheManager(KVCacheManager):
             self.block_pool.free_blocks(reversed(held))
             self.num_held -= len(held)
         slot = self._slot_of.pop(rid, None)
+        self._blocks_of.pop(rid, None)
         if slot is not None:
             heapq.heappush(self._free_slots, slot)
             CHANNEL.invalidate(slot)
@@ -215,8 +246,7 @@ class DMSKVCacheManager(KVCacheManager):
 
     # ------------------------------------------------------------------ queries
     def get_blocks(self, request_id: str) -> KVCacheBlocks:
-        slot = self._slot_of.get(request_id)
-        return self.empty_kv_cache_blocks if slot is None else self._slot_blocks[slot]
+        return self._blocks_of.get(request_id, self.empty_kv_cache_blocks)
 
     def slot_of(self, request_id: str) -> int | None:
         return self._slot_of.get(request_id)
@@ -256,8 +286,8 @@ class DMSKVCacheManager(KVCacheManager):
         L, page = self.layout.num_layers, self.layout.page_bytes
         subpages = 0
         for rid, slot in self._slot_of.items():
-            row = CHANNEL.read(slot)
-            if row is not None and row[0] >= 0:
+            row = self._row(slot)
+            if row is not None:
                 subpages += row[1]
         return dict(
             live_tokens=None,
@@ -281,10 +311,10 @@ class DMSKVCacheManager(KVCacheManager):
         rows, block_bytes = lay.num_layers * lay.num_kv_heads, lay.page_bytes * lay.num_layers
         dense = live = 0
         for slot in self._slot_of.values():
-            row = CHANNEL.read_live(slot)
+            row = self._row(slot)
             if row is not None and row[0] > 0:  # n_done and live come from one worker copy
                 dense += row[0] * rows
-                live += row[1]
+                live += row[2]
         in_use = (lay.first_data_block + self.num_held) * block_bytes
         return dict(
             live_kv_tokens=live,
@@ -295,8 +325,8 @@ class DMSKVCacheManager(KVCacheManager):
         )
 
 
-class DMSScheduler(Scheduler):
-    """Stock Scheduler; with a DMSCompactSpec KV cache its KVCacheManager is DMSKVCacheManager."""
+class DMSSchedulerMixin:
+    """The DMS part of DMSScheduler / DMSAsyncScheduler (put before vLLM's scheduler class)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -307,9 +337,11 @@ class DMSScheduler(Scheduler):
         self._vocab_size = self.vllm_config.model_config.get_vocab_size()
         if dms_spec_of(self.kv_cache_config) is None:
             return  # dense model: everything stays stock
-        if self.scheduler_config.async_scheduling:
-            raise ValueError("DMS needs async_scheduling off: reservations read the worker's "
-                             "measurement of the previous step")
+        is_async = self.scheduler_config.async_scheduling
+        if is_async != isinstance(self, AsyncScheduler):
+            want = "DMSAsyncScheduler" if is_async else "DMSScheduler"
+            raise ValueError(f"DMS: async_scheduling={is_async} needs {want}, "
+                             f"not {type(self).__name__}")
         if self.connector is not None or self.ec_connector is not None:
             raise ValueError("DMS does not support KV / EC connectors")
         if self.enable_return_routed_experts:
@@ -368,3 +400,11 @@ class DMSScheduler(Scheduler):
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}),
                                         STATS_KEY: self.dms.gauges()}
         return stats
+
+
+class DMSScheduler(DMSSchedulerMixin, Scheduler):
+    """Stock Scheduler; with a DMSCompactSpec KV cache its KVCacheManager is DMSKVCacheManager."""
+
+
+class DMSAsyncScheduler(DMSSchedulerMixin, AsyncScheduler):
+    """vLLM's AsyncScheduler with the same DMS accounting (measurements may lag, see _measured)."""

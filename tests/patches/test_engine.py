@@ -190,7 +190,6 @@ def test_explicitly_off_is_accepted(runs):
 @pytest.mark.parametrize("name, flag", [
     ("prefix_caching", "--enable-prefix-caching"),
     ("chunked_prefill", "--enable-chunked-prefill"),
-    ("async", "--async-scheduling"),
     ("tp2", "--tensor-parallel-size"),
     ("pp2", "--pipeline-parallel-size"),
     ("dp2", "--data-parallel-size"),
@@ -204,12 +203,37 @@ def test_explicitly_off_is_accepted(runs):
     ("small_budget", "--max-num-batched-tokens"),
     ("cli_prefix", "--enable-prefix-caching"),
     ("cli_tp2", "--tensor-parallel-size"),
-    ("cli_async", "--async-scheduling"),
 ])
 def test_explicit_unsupported_flag_rejected(runs, name, flag):
     res = runs[0][name]
     assert res.get("error") == "DMSConfigError", res
     assert res["msg"].startswith(flag) and "dms_fp8" in res["msg"]
+
+
+@pytest.mark.parametrize("name", ["async", "cli_async"])
+def test_explicit_async_scheduling_is_accepted(runs, name):
+    c = ok(runs[0][name])  # default stays off (test_dms_fp8_config); asking for it is accepted
+    assert c["prefix"] is False and c["chunked"] is False
+    # vLLM's CPU platform turns async off again here; the scheduler follows what vLLM resolved.
+    want = "DMSAsyncScheduler" if c["async_"] else "DMSScheduler"
+    assert c["sched_cls"] == f"vllm_dms.scheduler.{want}"
+
+
+@pytest.mark.parametrize("async_, cls", [(True, "DMSAsyncScheduler"), (False, "DMSScheduler")])
+def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch, async_, cls):
+    from types import SimpleNamespace as NS
+
+    from vllm_dms import validation
+    from vllm_dms.patches import engine
+    monkeypatch.setattr(validation, "install_frontend_check", lambda: None)
+    sc = NS(enable_chunked_prefill=False, async_scheduling=async_, max_num_batched_tokens=4096,
+            scheduler_cls=None)
+    vc = NS(scheduler_config=sc, cache_config=NS(enable_prefix_caching=False),
+            attention_config=NS(backend=NS(name="CUSTOM")), model_config=NS(max_model_len=4096))
+    engine._finish_dms(vc)
+    assert sc.scheduler_cls == f"vllm_dms.scheduler.{cls}"
+    from vllm_dms import scheduler
+    assert issubclass(getattr(scheduler, cls), scheduler.DMSSchedulerMixin)
 
 
 @pytest.mark.parametrize("name, needles", [

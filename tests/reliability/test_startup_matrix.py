@@ -77,6 +77,7 @@ def scenarios(tmp):
                               **DMS), None),
     ]
     s += [(f"r7_{name}", dict(model=NV, **kw, **DMS), None) for name, (_, kw) in FLAGS.items()]
+    s += [("r7_async_ok", dict(model=NV, async_scheduling=True, **DMS), None)]
     return [dict(name=n, kwargs=kw, probe=p) for n, kw, p in s]
 
 
@@ -84,7 +85,6 @@ def scenarios(tmp):
 FLAGS = {
     "prefix": ("--enable-prefix-caching", dict(enable_prefix_caching=True)),
     "chunked": ("--enable-chunked-prefill", dict(enable_chunked_prefill=True)),
-    "async": ("--async-scheduling", dict(async_scheduling=True)),
     "tp": ("--tensor-parallel-size", dict(tensor_parallel_size=2)),
     "pp": ("--pipeline-parallel-size", dict(pipeline_parallel_size=2)),
     "dp": ("--data-parallel-size", dict(data_parallel_size=2)),
@@ -201,6 +201,10 @@ def test_r7_each_unsupported_flag_rejected_with_alternative(runs, name):
     flag = FLAGS[name][0]
     msg = refused(runs[0][f"r7_{name}"], "dms_fp8", f"remove {flag} or {ALT_DTYPE}")
     assert msg.startswith(flag), msg
+
+
+def test_r7_explicit_async_scheduling_accepted(runs):
+    assert "ok" in runs[0]["r7_async_ok"], runs[0]["r7_async_ok"]  # opt-in: DMSAsyncScheduler
 
 
 # ------------------------------------------------------------------------------- row 8

@@ -7,7 +7,8 @@ flags fail fast with a message naming the field or flag.
 * ``kv_cache_dtype == "dms_fp8"``: DMSConfig from the local checkpoint; architectures routed
   to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
   when the user asked for them and switched off (one log line) when merely on by default;
-  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler, and this process's
+  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
+  with ``--async-scheduling``, which stays off by default until it has run on a GPU), and this process's
   InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
   model class (no-evict mode); never served as a plain model with its decision lane live.
@@ -19,7 +20,8 @@ import json
 import os
 from typing import Any
 
-from vllm_dms import DMS_ARCHITECTURES, DMS_DTYPE, LOGGER_NAME, SCHEDULER_PATH
+from vllm_dms import (ASYNC_SCHEDULER_PATH, DMS_ARCHITECTURES, DMS_DTYPE, LOGGER_NAME,
+                      SCHEDULER_PATH)
 from vllm_dms.config import SUPPORTED_ARCHS, DMSConfig, DMSConfigError, has_dms_fields
 from vllm_dms.patches import PatchError, require_params
 
@@ -122,7 +124,7 @@ def _prepare_dms(args: Any) -> DMSConfig:
         args.enable_chunked_prefill = False
         switched_off.append("chunked prefill")
     if args.async_scheduling is None:
-        args.async_scheduling = False  # the DMS arena needs each step's output before the next
+        args.async_scheduling = False  # supported but not yet run on a GPU: opt-in only
         switched_off.append("async scheduling")
     if args.block_size is None:
         args.block_size = DMS_BLOCK_SIZE  # slots per arena sub-page: one decode tile
@@ -135,7 +137,8 @@ def _prepare_dms(args: Any) -> DMSConfig:
         "attention backend %s, scheduler %s; switched off (on by default, unsupported with "
         "DMS): %s (vLLM's warning about disabling chunked prefill is expected)",
         DMS_DTYPE, args.model, dms.arch, dms.window, dms.decision_shift,
-        DMS_ARCHITECTURES[dms.arch], _CUSTOM, SCHEDULER_PATH, ", ".join(switched_off) or "none")
+        DMS_ARCHITECTURES[dms.arch], _CUSTOM, _scheduler_path(args.async_scheduling),
+        ", ".join(switched_off) or "none")
     return dms
 
 
@@ -149,8 +152,6 @@ def _reject_unsupported(args: Any) -> None:
     if args.enable_chunked_prefill:
         reject("--enable-chunked-prefill", "chunked prefill (a prompt must be prefilled in "
                "one step)")
-    if args.async_scheduling:
-        reject("--async-scheduling", "async scheduling (DMS needs synchronous steps)")
     if args.enable_sleep_mode:
         reject("--enable-sleep-mode", "sleep mode (waking re-maps the KV memory that holds the "
                "DMS arena state without re-initialising it)")
@@ -164,8 +165,10 @@ def _reject_unsupported(args: Any) -> None:
                           ("--attention-config.backend", args.attention_config.backend)):
         if backend is not None and _backend_name(backend) not in (_CUSTOM, "AUTO"):
             reject(flag, f"attention backend {_backend_name(backend)} (DMS uses {_CUSTOM})")
-    if args.scheduler_cls is not None and args.scheduler_cls != SCHEDULER_PATH:
-        reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH})")
+    if args.scheduler_cls is not None and args.scheduler_cls not in (SCHEDULER_PATH,
+                                                                     ASYNC_SCHEDULER_PATH):
+        reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH} "
+               f"or, with --async-scheduling, {ASYNC_SCHEDULER_PATH})")
     if (args.max_num_batched_tokens is not None and args.max_model_len is not None
             and args.max_num_batched_tokens < args.max_model_len):
         reject("--max-num-batched-tokens",
@@ -177,11 +180,10 @@ def _finish_dms(vllm_config: Any) -> None:
     """Verify nothing downstream re-enabled a feature, then install the DMS scheduler."""
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     backend = vllm_config.attention_config.backend
-    if cc.enable_prefix_caching or sc.enable_chunked_prefill or sc.async_scheduling:
+    if cc.enable_prefix_caching or sc.enable_chunked_prefill:
         raise DMSConfigError(
             f"vLLM re-enabled a feature DMS cannot serve: enable_prefix_caching="
-            f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}, "
-            f"async_scheduling={sc.async_scheduling}")
+            f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}")
     if backend is None or backend.name != _CUSTOM:
         raise DMSConfigError(f"attention backend resolved to {backend}, DMS needs {_CUSTOM}")
     max_len = vllm_config.model_config.max_model_len
@@ -189,7 +191,7 @@ def _finish_dms(vllm_config: Any) -> None:
         raise DMSConfigError(
             f"--max-num-batched-tokens: max_num_batched_tokens={sc.max_num_batched_tokens} < "
             f"max_model_len={max_len} (chunked prefill is off with {DMS_DTYPE})")
-    sc.scheduler_cls = SCHEDULER_PATH
+    sc.scheduler_cls = _scheduler_path(sc.async_scheduling)  # the one vLLM finally resolved
     from vllm_dms.validation import install_frontend_check
     install_frontend_check()  # this process builds the front-end that will use this config
 
@@ -245,6 +247,10 @@ def _route(hf_overrides: Any, architecture: str) -> Any:
             return hf_config
         return composed
     return {**(hf_overrides or {}), "architectures": [architecture]}
+
+
+def _scheduler_path(async_scheduling: Any) -> str:
+    return ASYNC_SCHEDULER_PATH if async_scheduling else SCHEDULER_PATH
 
 
 def _backend_name(backend: Any) -> str:
