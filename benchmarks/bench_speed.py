@@ -21,7 +21,7 @@ import sys
 import time
 
 ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "vllm-tq4": "turboquant_4bit_nc",
-           "dms_fp8": "dms_fp8", "dms_fp8-eager": "dms_fp8"}
+           "dms_fp8": "dms_fp8", "dms_fp8-eager": "dms_fp8", "dms_fp8-async": "dms_fp8"}
 
 
 def prompts_for(model_dir: str, ctx: int, n: int) -> list[list[int]]:
@@ -50,7 +50,7 @@ def worker(a) -> None:
     pool = tokens * per_tok * (2 if kv == "auto" else 1)
     extra = {}
     if kv == "dms_fp8":
-        extra = dict(block_size=64)
+        extra = dict(block_size=64, async_scheduling=a.engine.endswith("-async"))
         pool = int(pool * 1.10)  # FP8 bytes + the arena's meta words and state region
     llm = LLM(model=a.model, load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv,
               max_model_len=a.ctx + a.gen, kv_cache_memory_bytes=pool, max_num_seqs=maxc,
