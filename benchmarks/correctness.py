@@ -127,7 +127,6 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
 
 
 def _kv_layers(llm):
-    from vllm.config import get_layers_from_vllm_config  # noqa: F401
     eng = llm.llm_engine.engine_core.engine_core
     runner = eng.model_executor.driver_worker.worker.model_runner
     ctx = runner.vllm_config.compilation_config.static_forward_context
