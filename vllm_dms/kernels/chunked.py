@@ -31,7 +31,7 @@ from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _load_kv
                                         _meta_ptr, _pop, _settle, _write_kv, arena_words,
                                         check_store_args,
                                         state_word_offsets)
-from vllm_dms.kernels.prefill import LOG2E, _online_step
+from vllm_dms.kernels.prefill import LOG2E, _attend_own_keys, _online_step
 
 
 # ---------------------------------------------------------------------------- flag of n0-1
@@ -126,29 +126,9 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_l
                                  (meta >= 0)[None, :])
             m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
         # (b) the chunk's own keys: causal + window + flags (local indices)
-        kbase = k_ptr + h * skh + dd[None, :]
-        vbase = v_ptr + h * svh + dd[None, :]
-        far_end = tl.maximum(m_lo - W, 0) // BLOCK_N * BLOCK_N
-        for c0 in range(0, far_end, BLOCK_N):  # behind every row's window: flags only
-            ktok = (start + c0 + nn).to(tl.int64)
-            f = tl.load(flags + ktok * sft + h * sfh)
-            if tl.sum((f == 0).to(tl.int32), 0) > 0:
-                kx = tl.load(kbase + ktok[:, None] * skt, mask=dm[None, :], other=0.0)
-                vx = tl.load(vbase + ktok[:, None] * svt, mask=dm[None, :], other=0.0)
-                m_i, l_i, acc = _online_step(q, kx, vx, (f == 0)[None, :], m_i, l_i, acc,
-                                             qk_scale, F32)
-        m_hi = tl.minimum(m_lo + TM, n)
-        for c0 in range(far_end, m_hi, BLOCK_N):
-            kk = c0 + nn
-            k_ok = kk < m_hi
-            ktok = (start + kk).to(tl.int64)
-            f = tl.load(flags + ktok * sft + h * sfh, mask=k_ok, other=1)
-            km = k_ok[:, None] & dm[None, :]
-            kx = tl.load(kbase + ktok[:, None] * skt, mask=km, other=0.0)
-            vx = tl.load(vbase + ktok[:, None] * svt, mask=km, other=0.0)
-            vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
-                (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
-            m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
+        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+                                         skt, skh, svt, svh, sft, sfh, W, qk_scale,
+                                         m_i, l_i, acc, TM, BLOCK_N, F32)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])

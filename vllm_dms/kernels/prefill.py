@@ -31,11 +31,45 @@ def _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
 
 
 @triton.jit
+def _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+                     skt, skh, svt, svh, sft, sfh, W, qk_scale, m_i, l_i, acc,
+                     TM: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr):
+    # Keys of the request's own in-flight tokens [0, min(m_lo + TM, n)) for query rows t.
+    nn = tl.arange(0, BLOCK_N)
+    kbase = k_ptr + h * skh + dd[None, :]
+    vbase = v_ptr + h * svh + dd[None, :]
+    # far tiles: every key is causal and out of every row's window: only flags mask
+    far_end = tl.maximum(m_lo - W, 0) // BLOCK_N * BLOCK_N
+    for c0 in range(0, far_end, BLOCK_N):
+        ktok = (start + c0 + nn).to(tl.int64)
+        f = tl.load(flags + ktok * sft + h * sfh)
+        if tl.sum((f == 0).to(tl.int32), 0) > 0:  # an all-flagged far tile is invisible
+            kx = tl.load(kbase + ktok[:, None] * skt, mask=dm[None, :], other=0.0)
+            vx = tl.load(vbase + ktok[:, None] * svt, mask=dm[None, :], other=0.0)
+            m_i, l_i, acc = _online_step(q, kx, vx, (f == 0)[None, :], m_i, l_i, acc,
+                                         qk_scale, F32)
+    # near tiles: causal + window + flags
+    m_hi = tl.minimum(m_lo + TM, n)  # exclusive: causal bound of the tile
+    for c0 in range(far_end, m_hi, BLOCK_N):
+        kk = c0 + nn
+        k_ok = kk < m_hi
+        ktok = (start + kk).to(tl.int64)
+        f = tl.load(flags + ktok * sft + h * sfh, mask=k_ok, other=1)
+        km = k_ok[:, None] & dm[None, :]
+        kx = tl.load(kbase + ktok[:, None] * skt, mask=km, other=0.0)
+        vx = tl.load(vbase + ktok[:, None] * svt, mask=km, other=0.0)
+        vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
+            (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
+        m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
                          sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
                          G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         SKIP: tl.constexpr, F32: tl.constexpr):
+                         F32: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -55,35 +89,9 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        m_hi = tl.minimum(m_lo + TM, n)  # exclusive: causal bound of the tile
-        nn = tl.arange(0, BLOCK_N)
-        kbase = k_ptr + h * skh + dd[None, :]
-        vbase = v_ptr + h * svh + dd[None, :]
-        # far tiles: every key is causal and out of every row's window: only flags mask
-        far_end = tl.maximum(m_lo - W, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(0, far_end, BLOCK_N):
-            ktok = (start + n0 + nn).to(tl.int64)
-            f = tl.load(flags + ktok * sft + h * sfh)
-            live = True
-            if SKIP:  # an all-flagged far tile is invisible to the whole tile
-                live = tl.sum((f == 0).to(tl.int32), 0) > 0
-            if live:
-                kx = tl.load(kbase + ktok[:, None] * skt, mask=dm[None, :], other=0.0)
-                vx = tl.load(vbase + ktok[:, None] * svt, mask=dm[None, :], other=0.0)
-                m_i, l_i, acc = _online_step(q, kx, vx, (f == 0)[None, :], m_i, l_i, acc,
-                                             qk_scale, F32)
-        # near tiles: causal + window + flags
-        for n0 in range(far_end, m_hi, BLOCK_N):
-            kk = n0 + nn
-            k_ok = kk < m_hi
-            ktok = (start + kk).to(tl.int64)
-            f = tl.load(flags + ktok * sft + h * sfh, mask=k_ok, other=1)
-            km = k_ok[:, None] & dm[None, :]
-            kx = tl.load(kbase + ktok[:, None] * skt, mask=km, other=0.0)
-            vx = tl.load(vbase + ktok[:, None] * svt, mask=km, other=0.0)
-            vis = (kk[None, :] <= t[:, None]) & k_ok[None, :] & (
-                (t[:, None] - kk[None, :] <= W) | (f[None, :] == 0))
-            m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
+        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+                                         skt, skh, svt, svh, sft, sfh, W, qk_scale,
+                                         m_i, l_i, acc, TM, BLOCK_N, F32)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
@@ -128,4 +136,4 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        SKIP=True, F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)
