@@ -25,39 +25,27 @@ PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
 
 
 def arena_rows(layout, kv_layers, slot):
-    """(live [L, H], pages [L, H], flags by position {(l, h): {pos: flag}}) for one slot."""
-    from vllm_dms.kernels.arena_ops import arena_state
-    live, pages, metas = [], [], []
+    """(live [L, H], pages [L, H], positions of each row's live tokens [L][H]) for one slot."""
+    from vllm_dms.kernels.arena_ops import arena_read_row, arena_state
+    live, pages, positions = [], [], []
     for kv in kv_layers:
         st = arena_state(kv.view(-1), layout)
         live.append(st.row_len[slot].cpu())
         pages.append(st.row_npages[slot].cpu())
-        metas.append(read_row_meta(st, layout, slot))
-    return torch.stack(live), torch.stack(pages), metas
+        positions.append([arena_read_row(kv.view(-1), layout, slot, h)["pos"]
+                          for h in range(layout.num_kv_heads)])
+    return torch.stack(live), torch.stack(pages), positions
 
 
-def read_row_meta(st, layout, slot):
-    """Per head: tensor of meta words of the row's live slots (position | flag << 31)."""
-    P, out = layout.block_size, []
-    words = st.data.view(torch.int32)
-    for h in range(layout.num_kv_heads):
-        n = int(st.row_len[slot, h])
-        pages = st.row_pages[slot, h, : -(-n // P)].long()
-        base = (pages * layout.subpage_bytes + 2 * P * layout.head_dim * layout.elem_bytes) // 4
-        idx = (base.view(-1, 1) + torch.arange(P, device=base.device).view(1, -1)).view(-1)[:n]
-        out.append(words[idx].cpu())
-    return out
-
-
-def flags_from_meta(metas, n_tokens, window):
+def flags_from_positions(positions, n_tokens, window):
     """Recover f[k] for k < n_tokens - 1 - window (older than the window): present <=> unflagged."""
-    L, H = len(metas), len(metas[0])
+    L, H = len(positions), len(positions[0])
     cutoff = n_tokens - 1 - window
     flags = torch.ones(L, max(cutoff, 0), H, dtype=torch.bool)
     for l in range(L):
         for h in range(H):
-            pos = metas[l][h] & 0x7FFFFFFF
-            old = pos[pos < cutoff].long()
+            pos = positions[l][h]
+            old = pos[pos < cutoff]
             flags[l, old, h] = False
     return flags
 
@@ -86,7 +74,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
         rt = get_runtime()
         slot = CHANNEL.release[-1]
         kv_layers = [kv for kv in _kv_layers(llm)]
-        live, pages, metas = arena_rows(rt.layout, kv_layers, slot)
+        live, pages, positions = arena_rows(rt.layout, kv_layers, slot)
         seq = ids + list(out.token_ids)
         with torch.no_grad():
             ref = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
@@ -99,7 +87,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
         n_arena = len(seq) - 1
         ref_live = ref.live[:, n_arena - 1].cpu()
         rows["live_eq"] += int((ref_live == live).sum()); rows["live_n"] += live.numel()
-        fl = flags_from_meta(metas, n_arena, dms.window)
+        fl = flags_from_positions(positions, n_arena, dms.window)
         ref_fl = ref.flags[:, : fl.shape[1]].cpu()
         rows["dec_eq"] += int((ref_fl == fl).sum()); rows["dec_n"] += fl.numel()
         logp = torch.log_softmax(ref.logits[P - 1:].float(), -1).cpu()

@@ -485,21 +485,24 @@ def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None =
 
 
 def arena_read_row(kv_layer: torch.Tensor, layout: ArenaLayout, slot: int, h: int) -> dict:
-    """Row (slot, h) decoded on the host (debug/test aid: copies to the CPU, not capture safe).
+    """Row (slot, h) decoded on the host (debug/test aid: syncs, not capture safe).
 
-    Returns k, v fp32 [L, D], pos int64 [L], flag bool [L] in row-slot order, and pages.
+    Returns k, v fp32 [L, D], pos int64 [L], flag bool [L] in row-slot order, and pages. Only
+    the row's bytes are gathered (on the arena's device) and copied, never the whole layer.
     """
     st = arena_state(kv_layer, layout)
     P, D, E = layout.block_size, layout.head_dim, layout.elem_bytes
-    pages = st.row_pages[slot, h, :int(st.row_npages[slot, h])].cpu().long()
-    r = torch.arange(int(st.row_len[slot, h]))
+    dev = st.data.device
+    pages = st.row_pages[slot, h, :int(st.row_npages[slot, h])].long()
+    r = torch.arange(int(st.row_len[slot, h]), device=dev)
     base, off = pages[r // P] * layout.subpage_bytes, r % P
-    data, sdt = st.data.cpu(), (torch.float8_e4m3fn if E == 1 else torch.bfloat16)
-    kidx = (base + off * D * E)[:, None] + torch.arange(D * E)
-    midx = (base + 2 * P * D * E + off * 4)[:, None] + torch.arange(4)
-    meta = data[midx].view(torch.int32)[:, 0].long()
-    return dict(k=data[kidx].view(sdt).float(), v=data[kidx + P * D * E].view(sdt).float(),
-                pos=meta & 0x7FFFFFFF, flag=meta < 0, pages=pages.tolist())
+    sdt = torch.float8_e4m3fn if E == 1 else torch.bfloat16
+    kidx = (base + off * D * E)[:, None] + torch.arange(D * E, device=dev)
+    midx = (base + 2 * P * D * E + off * 4)[:, None] + torch.arange(4, device=dev)
+    meta = st.data[midx].cpu().view(torch.int32)[:, 0].long()
+    return dict(k=st.data[kidx].cpu().view(sdt).float(),
+                v=st.data[kidx + P * D * E].cpu().view(sdt).float(),
+                pos=meta & 0x7FFFFFFF, flag=meta < 0, pages=pages.cpu().tolist())
 
 
 def check_store_args(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
