@@ -18,6 +18,7 @@ inside the attention op (ordered, graph- and compile-safe); we read it, then zer
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -142,12 +143,12 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         spec, vc = self.kv_cache_spec, self.vllm_config
         dms = dms_config_from_vllm(vc)
         page = spec_page_bytes(spec.num_kv_heads, spec.head_size, spec.block_size)
-        layout = ArenaLayout.from_config(
-            dms, block_size=spec.block_size, max_num_seqs=vc.scheduler_config.max_num_seqs,
-            max_model_len=vc.model_config.max_model_len,
-            num_blocks=kv_layers[0].numel() // page)
-        layout = ArenaLayout(**{**layout.__dict__, "num_layers": len(kv_layers),
-                                "num_kv_heads": spec.num_kv_heads})
+        layout = dataclasses.replace(  # this worker's layers and (per-rank) KV heads
+            ArenaLayout.from_config(
+                dms, block_size=spec.block_size, max_num_seqs=vc.scheduler_config.max_num_seqs,
+                max_model_len=vc.model_config.max_model_len,
+                num_blocks=kv_layers[0].numel() // page),
+            num_layers=len(kv_layers), num_kv_heads=spec.num_kv_heads)
         layout.validate()
         num_q_heads = vc.model_config.get_num_attention_heads(vc.parallel_config)
         rt = DMSRuntime(dms, layout, self.layer_names, num_q_heads, self.device,
@@ -236,7 +237,7 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
                              md.decode_pos, md.slots[:nd], dms.decision_shift, pages, rt.overflow,
                              live=rt.slot_live)
             dms_decode_attention(q[:nd], kv, layout, md.slots[:nd], self.scale, out[:nd],
-                                 rt.ws_acc[:nd], rt.ws_m[:nd], rt.ws_l[:nd])
+                                 rt.ws.acc[:nd], rt.ws.m[:nd], rt.ws.l[:nd])
         if md.num_prefills:
             kp, vp = k[nd:].contiguous(), v[nd:].contiguous()
             flags = dec[nd:]

@@ -33,14 +33,9 @@ class DMSRuntime:
         self.feedback = torch.zeros(S1, 4, **i32)       # (n_done, pages_max, live, tag) for the host
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
-        D = layout.head_dim
+        from vllm_dms.kernels.decode import decode_workspace
         rows = max_rows or layout.max_num_seqs  # decode rows per step, CUDA-graph padding included
-        self.ws_acc = torch.empty(rows, num_q_heads, DECODE_SPLITS, D,
-                                  dtype=torch.float32, device=device)
-        self.ws_m = torch.empty(rows, num_q_heads, DECODE_SPLITS,
-                                dtype=torch.float32, device=device)
-        self.ws_l = torch.empty_like(self.ws_m)
-        self.initialized = False
+        self.ws = decode_workspace(rows, num_q_heads, layout.head_dim, DECODE_SPLITS, device)
         self._kv_refs: list[weakref.ref] = []  # the KV tensors (one engine's) this runtime owns
 
     def init_arenas(self, kv_layers: list[torch.Tensor]) -> None:
@@ -48,11 +43,10 @@ class DMSRuntime:
         for kv in kv_layers:
             arena_init(kv, self.layout)
         self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never pin a dead engine
-        self.initialized = True
 
     def serves(self, kv_layers: list[torch.Tensor]) -> bool:
         """True iff this runtime initialised exactly these KV tensors (i.e. the same engine)."""
-        return (self.initialized and len(self._kv_refs) == len(kv_layers)
+        return (bool(self._kv_refs) and len(self._kv_refs) == len(kv_layers)  # set by init_arenas
                 and all(r() is kv for r, kv in zip(self._kv_refs, kv_layers)))
 
     def release(self, kv_layers: list[torch.Tensor], slots: list[int]) -> None:
