@@ -30,7 +30,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_dms.arena import ArenaLayout, spec_page_bytes
-from vllm_dms.runtime import DMSRuntime, get_runtime, set_runtime
+from vllm_dms.runtime import DMSRuntime, capturing, get_runtime, set_runtime
 
 
 class DMSCompactAttentionBackend(AttentionBackend):
@@ -162,6 +162,8 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         from vllm_dms.channel import CHANNEL
         cam = common_attn_metadata
         rt = self._ensure_runtime()
+        if not capturing():
+            rt.post()  # the last step's feedback (a replayed graph only staged it on the device)
         rt.check_overflow()
         freed = CHANNEL.take_release()  # last step's finished/preempted slots, before any pack
         if freed:
@@ -225,32 +227,33 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         q = query[:N].view(N, Hq, D)
         k = key[:N].view(N, H, D)
         v = value[:N].view(N, H, D)
-        dec = dms.decisions_from_lane(q[:, ::G, D - 1])      # [N, H]: carried pre-RoPE lane
-        q = q.clone()
-        q[:, ::G, D - 1] = 0                                  # NVIDIA: lane zero after RoPE
+        lanes = q[:, ::G, D - 1]  # [N, H]: the carried pre-RoPE decision lanes (a view)
         out = output[:N].view(N, Hq, D)
         kv = kv_cache.view(-1)
         pages = rt.layer_pages[li]
         nd = md.num_decodes
+        # No clone/zero pass over q: every attention kernel reads the carrier lane as 0
+        # (carrier=True), and the decode store computes the decision from it in-kernel.
         if nd:
-            dms_decode_store(kv, layout, k[:nd].contiguous(), v[:nd].contiguous(), dec[:nd],
-                             md.decode_pos, md.slots[:nd], dms.decision_shift, pages, rt.overflow,
-                             live=rt.slot_live)
+            dms_decode_store(kv, layout, k[:nd], v[:nd], lanes[:nd], md.decode_pos,
+                             md.slots[:nd], dms.decision_shift, pages, rt.overflow,
+                             live=rt.slot_live, alpha=(dms.alpha_scale, dms.alpha_offset))
             dms_decode_attention(q[:nd], kv, layout, md.slots[:nd], self.scale, out[:nd],
-                                 rt.ws.acc[:nd], rt.ws.m[:nd], rt.ws.l[:nd])
+                                 rt.ws.acc[:nd], rt.ws.m[:nd], rt.ws.l[:nd], carrier=True)
         if md.num_prefills:
-            kp, vp = k[nd:].contiguous(), v[nd:].contiguous()
-            flags = dec[nd:]
+            dec = dms.decisions_from_lane(lanes[nd:])
+            kp, vp = k[nd:], v[nd:]
+            flags = dec
             if dms.decision_shift == 1:  # the decision at t flags t-1; a chunk's last flag waits
-                flags = torch.cat([flags[1:], torch.zeros_like(flags[:1])])
+                flags = torch.cat([dec[1:], torch.zeros_like(dec[:1])])
                 flags[md.prefill_last] = False
             if md.prefill_cont_slots is None:  # every prefill row is a first chunk
                 dms_prefill_attention(q[nd:], kp, vp, flags, md.prefill_cu, md.max_prefill_len,
-                                      dms.window, self.scale, out[nd:])
+                                      dms.window, self.scale, out[nd:], carrier=True)
                 dms_prefill_pack(kv, layout, kp, vp, flags, md.prefill_cu, md.slots[nd:],
                                  pages, rt.overflow, live=rt.slot_live)
             else:
-                self._chunked_prefill(q[nd:], kp, vp, dec[nd:], flags, kv, md, out[nd:], pages)
+                self._chunked_prefill(q[nd:], kp, vp, dec, flags, kv, md, out[nd:], pages)
         if li == layout.num_layers - 1:
             rt.publish()
         return output
@@ -266,7 +269,7 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         if dms.decision_shift == 1:  # each chunk's first decision flags the arena's last token
             dms_chunk_flag_prev(kv, layout, dec[md.prefill_cu[:-1].long()], n0, cont)
         dms_chunk_attention(q, k, v, flags, md.prefill_cu, n0, cont, kv, layout, dms.window,
-                            self.scale, out, max_seqlen=md.max_prefill_len)
+                            self.scale, out, max_seqlen=md.max_prefill_len, carrier=True)
         dms_prefill_pack(kv, layout, k, v, flags, md.prefill_cu, md.prefill_first_slots, pages,
                          rt.overflow, live=rt.slot_live)
         dms_chunk_pack(kv, layout, k, v, flags, md.prefill_cu, n0, cont, pages, rt.overflow,

@@ -62,14 +62,23 @@ class DMSRuntime:
         return int(self.layer_pages[:, slot].sum()) * self.layout.subpage_bytes
 
     def publish(self) -> None:
-        """Stage (n_done, pages_max, live, tag) per slot; lands on the host after this step."""
-        from vllm_dms.channel import CHANNEL
+        """Stage (n_done, pages_max, live, tag) per slot on the device (last layer of a step).
+
+        Inside a captured decode graph only the device half runs; the copy to the host is
+        posted by the next step's metadata build (``post``), outside the graph.
+        """
         self.feedback[:, 0].copy_(self.slot_ntok)
         self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
         self.feedback[:, 2].copy_(self.slot_live)
         self.feedback[:, 3].copy_(self.slot_tag)  # lets the scheduler drop a previous owner's row
+        if not capturing():
+            self.post()  # eager step (prefill, mixed): measured by the very next schedule
+
+    def post(self) -> None:
+        """Enqueue the host copies of the feedback and the overflow flag (never in a graph)."""
+        from vllm_dms.channel import CHANNEL
         CHANNEL.ensure(self.layout.num_slots)
-        CHANNEL.feedback.copy_(self.feedback, non_blocking=True)  # one copy per step
+        CHANNEL.post(self.feedback)
         self.overflow_host.copy_(self.overflow, non_blocking=True)
 
     def check_overflow(self) -> None:
@@ -80,6 +89,10 @@ class DMSRuntime:
             raise RuntimeError("dms_fp8: a kernel found the arena free stack short of what the "
                                "scheduler's reservation promised (ledger violated); refusing to "
                                "continue rather than corrupt other requests' KV")
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 _RUNTIME: DMSRuntime | None = None

@@ -377,6 +377,11 @@ class DMSSchedulerMixin:
             self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
             self._dms_refused.append(request)
 
+    def schedule(self, *args: Any, **kwargs: Any):
+        if self.dms is not None:
+            CHANNEL.refresh()  # newest fully landed worker feedback; one snapshot per step
+        return super().schedule(*args, **kwargs)
+
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req in self._dms_refused:
@@ -396,6 +401,7 @@ class DMSSchedulerMixin:
     def make_stats(self, *args: Any, **kwargs: Any):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None and self.dms is not None and self._dms_metrics:
+            CHANNEL.refresh()  # the step just finished: its posted feedback has usually landed
             # kv_connector_stats is None here (DMS refuses KV connectors) and survives msgpack.
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}),
                                         STATS_KEY: self.dms.gauges()}

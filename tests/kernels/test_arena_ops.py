@@ -196,9 +196,11 @@ def test_arena_kernels_compile_sm90(compile_sm90):
             specs.append((AO, "_pack_kernel", dict(ptr), dict(
                 P=P, D=D, ELEM=E, BLOCK_T=64, BLOCK_D=triton_np2(D), BLOCK_PG=64,
                 HAS_LIVE=has_live)))
-            for shift in (0, 1):
-                specs.append((AO, "_decode_store_kernel", dict(ptr), dict(
-                    SHIFT=shift, P=P, D=D, ELEM=E, BLOCK_D=triton_np2(D), HAS_LIVE=has_live)))
+            for shift in (0, 1):  # decisions as bools (shift 0) or from bf16 carrier lanes
+                dec = {"dec": "*bf16" if shift else "*u8", "a_scale": "fp32", "a_offset": "fp32"}
+                specs.append((AO, "_decode_store_kernel", {**ptr, **dec}, dict(
+                    SHIFT=shift, P=P, D=D, ELEM=E, BLOCK_D=triton_np2(D), HAS_LIVE=has_live,
+                    FROM_LANE=bool(shift))))
     for has_live in (False, True):
         specs.append((AO, "_release_kernel", {}, dict(BLOCK_PG=64, HAS_LIVE=has_live)))
     for s in specs:  # every pointer arg not named above is an int32 array

@@ -71,9 +71,10 @@ def check_rows(kit, kv, lay, s, n1, slot, shift):
 
 
 def simulate_chunked(kit, device, *, H, G, D, P, W, shift, reqs, steps, elem=1, seed=0,
-                     first_via_chunk=False, p_flag=0.5):
+                     first_via_chunk=False, p_flag=0.5, carrier=False):
     """reqs: (prompt_len, chunk_len, slot) per request. Each step every request with prompt
-    left runs its next chunk; then `steps` decode steps on this arena and on a one-shot one."""
+    left runs its next chunk; then `steps` decode steps on this arena and on a one-shot one.
+    carrier: chunk queries carry junk in their borrowed lanes (read as 0 by the kernel)."""
     gen = torch.Generator().manual_seed(seed)
     R, Hq, scale = len(reqs), H * G, D ** -0.5
     total = [n + steps for n, _, _ in reqs]
@@ -86,6 +87,9 @@ def simulate_chunked(kit, device, *, H, G, D, P, W, shift, reqs, steps, elem=1, 
                 k=torch.randn(n, H, D, generator=gen).to(torch.bfloat16),
                 v=torch.randn(n, H, D, generator=gen).to(torch.bfloat16),
                 d=torch.rand(n, H, generator=gen) < p_flag) for n in total]
+    if carrier:  # the reference sees the lane as 0
+        for s in seq:
+            s["q"][:, ::G, D - 1] = 0
     i32 = dict(dtype=torch.int32, device=device)
     lp, lp1, live = (torch.zeros(lay.num_slots, **i32) for _ in range(3))
     ov = torch.zeros(1, **i32)
@@ -107,7 +111,10 @@ def simulate_chunked(kit, device, *, H, G, D, P, W, shift, reqs, steps, elem=1, 
             dec_first = torch.stack([seq[i]["d"][a] for i, (a, _) in span.items()]).to(device)
             dms_chunk_flag_prev(kv, lay, dec_first, n0, cont)
         out = torch.full_like(q, float("nan"))
-        dms_chunk_attention(q, k, v, fl, cu, n0, cont, kv, lay, W, scale, out, max(lens))
+        if carrier:
+            q[:, ::G, D - 1] = 40.0
+        dms_chunk_attention(q, k, v, fl, cu, n0, cont, kv, lay, W, scale, out, max(lens),
+                            carrier=carrier)
         if not first_via_chunk:
             dms_prefill_pack(kv, lay, k, v, fl, cu, first, lp, ov, live=live)
         dms_chunk_pack(kv, lay, k, v, fl, cu, n0, cont, lp, ov, live=live)
@@ -182,10 +189,11 @@ def test_chunked_matches_one_shot(kit, device, W, P, shift):
 
 
 def test_chunked_bf16_store_and_first_chunk_via_chunk_kernels(kit, device):
-    """bf16 store; first chunks go through dms_chunk_* too (n0 = 0: an empty row)."""
+    """bf16 store; first chunks go through dms_chunk_* too (n0 = 0: an empty row); queries
+    carry decision junk in their borrowed lanes, as the backend hands them over."""
     simulate_chunked(kit, device, H=2, G=3, D=32, P=4, W=3, shift=1, elem=2,
                      reqs=[(23, 5, 2), (17, 4, 1), (9, 9, 3)], steps=5, seed=3,
-                     first_via_chunk=True)
+                     first_via_chunk=True, carrier=True)
 
 
 def test_chunk_all_flagged_long_chunks(kit, device):
@@ -229,7 +237,7 @@ def test_chunked_compiles_sm90(compile_sm90):
         bd = 1 << (D - 1).bit_length()
         specs.append((CK, "_chunk_attn_kernel", ptr, dict(
             G=G, TM=128 // G, P=16, D=D, ELEM=E,
-            BLOCK_R=128, BLOCK_N=128, BLOCK_D=bd, F32=False)))
+            BLOCK_R=128, BLOCK_N=128, BLOCK_D=bd, F32=False, CARRIER=E == 1)))
         specs.append((CK, "_chunk_pack_kernel", ptr, dict(
             P=16, D=D, ELEM=E, BLOCK_T=64, BLOCK_W=1 << W.bit_length(), BLOCK_D=bd,
             HAS_LIVE=True)))

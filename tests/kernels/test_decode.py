@@ -21,9 +21,11 @@ ATOL, RTOL = 2e-2, 1e-2
 
 
 def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_ids, arrive=None,
-             num_splits=3, seed=0, check_rows=True):
+             num_splits=3, seed=0, check_rows=True, carrier=False):
     """prompts[i] tokens of request i are packed at step arrive[i] (default 0), then it decodes
-    one token per step; steps counts engine steps. slot_ids[i] is its arena slot."""
+    one token per step; steps counts engine steps. slot_ids[i] is its arena slot.
+    carrier: as the backend runs it: each decode query's borrowed lanes carry its decisions
+    (+-30, alpha = (1, 0)); the store decides from them and attention reads them as 0."""
     gen = torch.Generator().manual_seed(seed)
     R, Hq = len(prompts), H * G
     arrive = arrive or [0] * R
@@ -37,6 +39,9 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                 k=torch.randn(n, H, D, generator=gen).to(torch.bfloat16),
                 v=torch.randn(n, H, D, generator=gen).to(torch.bfloat16),
                 d=torch.rand(n, H, generator=gen) < 0.5) for n in total]
+    if carrier:  # what attention must see: the lane as 0
+        for s in seq:
+            s["q"][:, ::G, D - 1] = 0
     layer_pages = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
     overflow = torch.zeros(1, dtype=torch.int32, device=device)
     live = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)  # runtime's counter
@@ -67,10 +72,16 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                                dtype=torch.int32, device=device)
             sl = torch.tensor([slot_ids[i] if i is not None else 0 for i in rows],
                               dtype=torch.int32, device=device)
-            dms_decode_store(kv, lay, kb, vb, db, pos, sl, shift, layer_pages, overflow,
-                             live=live)
+            if carrier:
+                qb[:, ::G, D - 1] = torch.where(db, 30.0, -30.0).to(qb.dtype)
+                dms_decode_store(kv, lay, kb, vb, qb[:, ::G, D - 1], pos, sl, shift, layer_pages,
+                                 overflow, live=live, alpha=(1.0, 0.0))
+            else:
+                dms_decode_store(kv, lay, kb, vb, db, pos, sl, shift, layer_pages, overflow,
+                                 live=live)
             out = torch.full_like(qb, float("nan"))
-            dms_decode_attention(qb, kv, lay, sl, scale, out, ws.acc, ws.m, ws.l)
+            dms_decode_attention(qb, kv, lay, sl, scale, out, ws.acc, ws.m, ws.l,
+                                 carrier=carrier)
             assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu())), "padding -> 0"
             for j, i in enumerate(dec_rows):
                 done[i] += 1
@@ -125,10 +136,39 @@ def test_decode_simulation(kit, device, elem, W, shift):
              seed=100 * W + 10 * elem + shift)
 
 
-def test_decode_mixed_arrivals_and_splits(kit, device):
+@pytest.mark.parametrize("carrier", [False, True])
+def test_decode_mixed_arrivals_and_splits(kit, device, carrier):
     """Requests join mid-run (prefill and decode in the same step), more splits than pages."""
     simulate(kit, device, H=2, G=3, D=16, P=4, W=3, shift=1, elem=1, prompts=[9, 2, 5],
-             steps=9, slot_ids=[2, 5, 1], arrive=[0, 3, 6], num_splits=8, seed=11)
+             steps=9, slot_ids=[2, 5, 1], arrive=[0, 3, 6], num_splits=8, seed=11,
+             carrier=carrier)
+
+
+def test_store_decides_from_lane_exactly_as_config(kit, device):
+    """In-kernel decision == DMSConfig.decisions_from_lane, also exactly at the threshold."""
+    from vllm_dms.config import DMSConfig
+    H, S = 8, 6
+    lay = kit.make_layout(H=H, D=16, P=4, W=2, S=S, max_len=8)
+    kv = kit.new_arena(lay, device)
+    x = torch.linspace(-2, 2, S * H).to(torch.bfloat16).view(S, H)
+    # offset == fl(x[2, 3] * scale): that lane sits exactly on the threshold (must be False)
+    cfg = DMSConfig(arch="llama", num_layers=1, num_q_heads=H, num_kv_heads=H, head_dim=16,
+                    window=2, alpha_scale=1 / 3, alpha_offset=float(x[2, 3].float() * (1 / 3)),
+                    decision_shift=0, target_cr=8.0, source="test")
+    lanes = torch.zeros(S, H, 5, dtype=torch.bfloat16)
+    lanes[..., 2] = x  # a strided [S, H] view, like q[:, ::G, D - 1]
+    lanes = lanes.to(device)
+    slots = torch.arange(1, S + 1, dtype=torch.int32, device=device)
+    k = torch.randn(S, H, 16).to(torch.bfloat16).to(device)
+    lp = torch.zeros(lay.num_slots, dtype=torch.int32, device=device)
+    ov = torch.zeros(1, dtype=torch.int32, device=device)
+    dms_decode_store(kv, lay, k, k, lanes[..., 2], torch.zeros(S, dtype=torch.int32,
+                     device=device), slots, 0, lp, ov, alpha=(cfg.alpha_scale, cfg.alpha_offset))
+    want = cfg.decisions_from_lane(x)
+    assert not bool(want[2, 3]) and bool(want.any()) and not bool(want.all())
+    got = torch.tensor([[bool(arena_read_row(kv, lay, s + 1, h)["flag"][0]) for h in range(H)]
+                        for s in range(S)])
+    assert torch.equal(got, want)
 
 
 def test_decode_from_empty_row(kit, device):
@@ -168,7 +208,7 @@ def test_decode_compiles_sm90(compile_sm90):
     for G, D, E, bn in [(3, 128, 1, 64), (4, 96, 2, 64)]:
         specs.append((mod, "_decode_split_kernel", ptr, dict(
             G=G, GP=16, P=16, D=D, ELEM=E, BLOCK_N=bn, BLOCK_D=1 << (D - 1).bit_length(),
-            F32=False)))
+            F32=False, CARRIER=E == 1)))
         specs.append((mod, "_decode_reduce_kernel", ptr, dict(
             D=D, BLOCK_S=16, BLOCK_D=1 << (D - 1).bit_length())))
     compile_sm90(specs)
@@ -189,7 +229,8 @@ def test_decode_gpu_matrix(kit, G, D, W, mode):
     elif mode == "decode_only":  # single-token prompts, W + 40 decode steps
         simulate(kit, "cuda", prompts=[1, 1, 1, 1], steps=W + 40, **kw)
     else:
-        simulate(kit, "cuda", prompts=[400, 20, 300, 5], steps=30, arrive=[0, 4, 9, 20], **kw)
+        simulate(kit, "cuda", prompts=[400, 20, 300, 5], steps=30, arrive=[0, 4, 9, 20],
+                 carrier=True, **kw)
 
 
 @pytest.mark.gpu

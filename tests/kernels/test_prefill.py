@@ -14,7 +14,10 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 ATOL, RTOL = 2e-2, 1e-2
 
 
-def run_case(lengths, H, G, D, W, shift, seed, device, p_flag=0.5, strided=False):
+def run_case(lengths, H, G, D, W, shift, seed, device, p_flag=0.5, strided=False,
+             carrier=False):
+    """carrier: q's borrowed lanes hold junk (decision carriers) that the kernel must read as 0;
+    the reference gets them zeroed."""
     gen = torch.Generator().manual_seed(seed)
     T, Hq = sum(lengths), H * G
     if strided:  # q/k/v as views of one fused qkv row, as vLLM hands them over
@@ -33,11 +36,16 @@ def run_case(lengths, H, G, D, W, shift, seed, device, p_flag=0.5, strided=False
     cu = torch.tensor(cu_l, dtype=torch.int32, device=device)
     out = torch.full((T, Hq, D), float("nan"), dtype=torch.bfloat16, device=device)
     scale = D ** -0.5
-    dms_prefill_attention(q, k, v, flags, cu, max(lengths), W, scale, out)
+    q_ref = q
+    if carrier:
+        q_ref = q.clone()
+        q_ref[:, ::G, D - 1] = 0
+        q[:, ::G, D - 1] = 40.0  # would dominate every score if it were read
+    dms_prefill_attention(q, k, v, flags, cu, max(lengths), W, scale, out, carrier=carrier)
     for a, b in zip(cu_l, cu_l[1:]):
         if b == a:
             continue
-        ref = dms_attention_reference(q[a:b].cpu(), k[a:b].cpu(), v[a:b].cpu(),
+        ref = dms_attention_reference(q_ref[a:b].cpu(), k[a:b].cpu(), v[a:b].cpu(),
                                       flags[a:b].cpu(), W, scale)
         got = out[a:b].float().cpu()
         err = (got - ref).abs().max().item()
@@ -57,6 +65,12 @@ def test_prefill_strided_inputs_and_odd_head_dim(device):
     run_case([19, 6], H=2, G=2, D=48, W=3, shift=1, seed=5, device=device, strided=True)
 
 
+@pytest.mark.parametrize("G", [1, 3])
+def test_prefill_reads_carrier_lane_as_zero(device, G):
+    """The impl hands over q with the decision carriers still in the borrowed lanes."""
+    run_case([21, 9], H=2, G=G, D=32, W=4, shift=0, seed=17, device=device, carrier=True)
+
+
 @pytest.mark.parametrize("p_flag", [0.0, 1.0])
 def test_prefill_all_or_no_flags(device, p_flag):
     """All flagged: every query sees only its last W+1 keys (far tiles are skipped)."""
@@ -70,7 +84,7 @@ def test_prefill_compiles_sm90(compile_sm90):
     for G, D, br, bn in [(3, 128, 64, 64), (8, 256, 64, 32)]:
         specs.append(("vllm_dms.kernels.prefill", "_prefill_attn_kernel", ptr,
                       dict(G=G, TM=br // G, D=D, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=D,
-                           F32=False)))
+                           F32=False, CARRIER=G == 3)))
     compile_sm90(specs)
 
 
@@ -82,4 +96,4 @@ def test_prefill_compiles_sm90(compile_sm90):
 @pytest.mark.parametrize("shift", [0, 1])
 def test_prefill_gpu_matrix(G, D, W, shift):
     run_case([1, 300, 77, 1030, 0, 513], H=4, G=G, D=D, W=W, shift=shift,
-             seed=G * 1000 + D + W + shift, device="cuda", strided=(W == 16))
+             seed=G * 1000 + D + W + shift, device="cuda", strided=(W == 16), carrier=(W != 1))

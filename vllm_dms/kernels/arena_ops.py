@@ -165,6 +165,14 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _drop_carrier(q, lane_row, dd, D: tl.constexpr, CARRIER: tl.constexpr):
+    # The borrowed lane (head h*G, lane D-1) carries the decision, not a query value: read as 0.
+    if CARRIER:
+        q = tl.where(lane_row[:, None] & (dd == D - 1)[None, :], 0.0, q)
+    return q
+
+
+@triton.jit
 def _write_kv(data, kv_off, page, off, k_ptrs, v_ptrs, mask, P: tl.constexpr, D: tl.constexpr,
               ELEM: tl.constexpr):
     # kv_off: [.., BLOCK_D] byte offsets of the dims inside a K row; page/off broadcastable
@@ -355,8 +363,10 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
 def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
                          k_ptr, v_ptr, dec, pos, slots, layer_pages, live, overflow,
                          skb, skh, svb, svh, sdb, sdh, H, W, MAXP, NPROG,
+                         a_scale, a_offset,
                          SHIFT: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                         ELEM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LIVE: tl.constexpr):
+                         ELEM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LIVE: tl.constexpr,
+                         FROM_LANE: tl.constexpr):
     free_top = arena + o_top
     free_stack = arena + o_stack
     row_len = arena + o_len
@@ -369,7 +379,11 @@ def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
     slot = tl.load(slots + b)
     if slot > 0:
         q = tl.load(pos + b)
-        d = tl.load(dec + b * sdb + h * sdh).to(tl.int32)
+        if FROM_LANE:  # fl(x * scale) > offset  <=>  fl(fl(x * scale) - offset) > 0 (reference)
+            x = tl.load(dec + b * sdb + h * sdh).to(tl.float32)
+            d = (x * a_scale > a_offset).to(tl.int32)
+        else:
+            d = tl.load(dec + b * sdb + h * sdh).to(tl.int32)
         W1 = W + 1
         rh = slot * H + h
         ring_row = ring + rh * W1
@@ -429,13 +443,16 @@ def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
 def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
                      v: torch.Tensor, dec: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
                      shift: int, layer_pages: torch.Tensor, overflow: torch.Tensor,
-                     live: torch.Tensor | None = None) -> None:
+                     live: torch.Tensor | None = None,
+                     alpha: tuple[float, float] | None = None) -> None:
     """One exact DMS decode step per (request, kv head) at query position q = pos[b]:
     (a) shift 1: token q-1 gets flag dec; (b) token q-W-1 leaves the window: its row slot is
     reused iff it is flagged, else the token is appended (popping a sub-page when the row is
     full); (c) K, V, meta (q | (shift 0 ? dec : 0) << 31) and ring[q % (W+1)] are written.
 
-    k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token);
+    k, v [B, H, D] bf16 (last dim contiguous); dec [B, H] bool (decision at the new token), or
+    with alpha = (scale, offset) the raw carrier lanes [B, H] bf16 (any strides, e.g. the view
+    q[:, ::G, D-1]): decision = fp32(lane) * scale - offset > 0, as DMSConfig.decisions_from_lane;
     pos int32 [B]; slots int32 [B] (<=0: skip); shift 0 or 1; layer_pages int32 [S1];
     overflow int32 [1]: set when a row needs a sub-page it cannot get; that row's new token is
     then not stored (step (a) has still been applied). live int32 [S1] (optional): +1 per
@@ -445,18 +462,24 @@ def dms_decode_store(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     dev, H, D = kv_layer.device, layout.num_kv_heads, layout.head_dim
     words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
                                           live, slots.shape[0])
-    _check(dec, "dec", torch.bool, (B, H), dev)
+    if alpha is None:
+        _check(dec, "dec", torch.bool, (B, H), dev)
+        dv, a_scale, a_offset = dec.view(torch.uint8), 1.0, 0.0
+    else:
+        _check(dec, "dec (carrier lanes)", torch.bfloat16, (B, H), dev, any_strides=True)
+        dv, (a_scale, a_offset) = dec, alpha
+        assert a_scale > 0, f"alpha scale must be > 0, got {a_scale}"
     _check(pos, "pos", torch.int32, (B,), dev)
     if B == 0:
         return
-    dv = dec.view(torch.uint8)
     _decode_store_kernel[(B, H)](
         words, *state_word_offsets(layout), k, v, dv, pos, slots, layer_pages, live_arg,
         overflow,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), dv.stride(0), dv.stride(1),
-        H, layout.window, layout.max_pages_per_row, B * H,
+        H, layout.window, layout.max_pages_per_row, B * H, float(a_scale), float(a_offset),
         SHIFT=shift, P=layout.block_size, D=D, ELEM=layout.elem_bytes,
-        BLOCK_D=triton.next_power_of_2(D), HAS_LIVE=live is not None, num_warps=1)
+        BLOCK_D=triton.next_power_of_2(D), HAS_LIVE=live is not None, FROM_LANE=alpha is not None,
+        num_warps=1)
 
 
 # ---------------------------------------------------------------------------- host helpers
@@ -470,7 +493,8 @@ def _live_arg(live: torch.Tensor | None, layout: ArenaLayout,
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None = None,
-           device: torch.device | None = None, last_contig: bool = False) -> None:
+           device: torch.device | None = None, last_contig: bool = False,
+           any_strides: bool = False) -> None:
     assert isinstance(t, torch.Tensor), f"{name} must be a tensor"
     assert t.dtype == dtype, f"{name}: dtype {t.dtype}, expected {dtype}"
     if shape is not None:
@@ -478,7 +502,9 @@ def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple | None =
             f"{name}: shape {tuple(t.shape)}, expected {shape}")
     if device is not None:
         assert t.device == device, f"{name} on {t.device}, expected {device}"
-    if last_contig:
+    if any_strides:
+        pass
+    elif last_contig:
         assert t.stride(-1) == 1, f"{name}: last dim must be contiguous"
     else:
         assert t.is_contiguous(), f"{name} must be contiguous"

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _load_kv,
+from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _drop_carrier, _kv_byte_off, _load_kv,
                                         _meta_ptr, _pop, _settle, _write_kv, arena_words,
                                         check_store_args,
                                         state_word_offsets)
@@ -85,7 +85,7 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_l
                        H, W, MAXP, qk_scale,
                        G: tl.constexpr, TM: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                        ELEM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                       BLOCK_D: tl.constexpr, F32: tl.constexpr, CARRIER: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -106,6 +106,7 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_l
         tok = (start + t).to(tl.int64)
         q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
                     mask=row_ok[:, None] & dm[None, :], other=0.0)
+        q = _drop_carrier(q, rr % G == 0, dd, D, CARRIER)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -137,13 +138,15 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_l
 def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
                         cu_seqlens: torch.Tensor, n0: torch.Tensor, slots: torch.Tensor,
                         kv_layer: torch.Tensor, layout: ArenaLayout, window: int, scale: float,
-                        out: torch.Tensor, max_seqlen: int | None = None) -> None:
+                        out: torch.Tensor, max_seqlen: int | None = None,
+                        carrier: bool = False) -> None:
     """Attention of each chunk's queries over its arena rows plus the chunk itself; writes out.
 
     q, out [T, Hq, D], k/v [T, H, D]: bf16, last dim contiguous. flags [T, H] bool: the flag
     each chunk key owns (shifted within the chunk). cu_seqlens int32 [B+1]; n0 int32 [B]
     (tokens already in the arena; 0 = first chunk: chunk keys only); slots int32 [B] (<=0:
     chunk keys only). max_seqlen: host bound on chunk lengths (sizes the grid; default T).
+    carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions; read as 0.
     """
     words = arena_words(kv_layer, layout)
     T, Hq, D = q.shape
@@ -179,7 +182,7 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
         H, window, layout.max_pages_per_row, scale * LOG2E,
         G=G, TM=tm, P=layout.block_size, D=D, ELEM=layout.elem_bytes, BLOCK_R=block_r,
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), F32=not q.is_cuda,
-        num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        CARRIER=carrier, num_warps=warps, num_stages=2 if q.is_cuda else 1)
 
 
 # ---------------------------------------------------------------------------- pack

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import (_check, _dot, _kv_byte_off, _load_kv, arena_words,
-                                        state_word_offsets)
+from vllm_dms.kernels.arena_ops import (_check, _dot, _drop_carrier, _kv_byte_off, _load_kv,
+                                        arena_words, state_word_offsets)
 
 LOG2E = 1.4426950408889634
 
@@ -44,7 +44,7 @@ def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l
                          sqb, sqh, sab, sah, sas, smb, smh, H, MAXP, NS, qk_scale,
                          G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                          ELEM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         F32: tl.constexpr):
+                         F32: tl.constexpr, CARRIER: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -63,6 +63,7 @@ def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l
     dm = dd < D
     q = tl.load(q_ptr + b * sqb + (h * G + gg)[:, None] * sqh + dd[None, :],
                 mask=gm[:, None] & dm[None, :], other=0.0)
+    q = _drop_carrier(q, gg == 0, dd, D, CARRIER)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_D], tl.float32)
@@ -115,9 +116,12 @@ def _decode_reduce_kernel(ws_acc, ws_m, ws_l, out_ptr, sab, sah, sas, smb, smh, 
 
 def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaLayout,
                          slots: torch.Tensor, scale: float, out: torch.Tensor,
-                         ws_acc: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor) -> None:
+                         ws_acc: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
+                         carrier: bool = False) -> None:
     """Attention of one new query per request over its compact rows; writes ``out``.
 
+    carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions, not query values; the
+    kernel reads them as 0 (so q needs no clone-and-zero pass).
     q, out [B, Hq, D] bf16 (last dim contiguous); slots int32 [B] (<=0: out = 0);
     ws_acc fp32 [>=B, Hq, NS, D], ws_m / ws_l fp32 [>=B, Hq, NS], contiguous (decode_workspace).
     """
@@ -149,7 +153,7 @@ def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaL
         ws_m.stride(0), ws_m.stride(1), H, layout.max_pages_per_row, NS, scale * LOG2E,
         G=G, GP=max(16, triton.next_power_of_2(G)), P=layout.block_size, D=D,
         ELEM=layout.elem_bytes, BLOCK_N=block_n, BLOCK_D=block_d, F32=not kv_layer.is_cuda,
-        num_warps=warps)
+        CARRIER=carrier, num_warps=warps)
     _decode_reduce_kernel[(B, Hq)](
         ws_acc, ws_m, ws_l, out, ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), out.stride(0), out.stride(1), NS,

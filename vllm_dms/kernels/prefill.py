@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_dms.kernels.arena_ops import _check, _dot
+from vllm_dms.kernels.arena_ops import _check, _dot, _drop_carrier
 
 LOG2E = 1.4426950408889634
 
@@ -69,7 +69,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
                          sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
                          G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         F32: tl.constexpr):
+                         F32: tl.constexpr, CARRIER: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -86,6 +86,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
         tok = (start + t).to(tl.int64)
         q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
                     mask=row_ok[:, None] & dm[None, :], other=0.0)
+        q = _drop_carrier(q, rr % G == 0, dd, D, CARRIER)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -100,9 +101,10 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
 
 def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
                           cu_seqlens: torch.Tensor, max_seqlen: int, window: int, scale: float,
-                          out: torch.Tensor) -> None:
+                          out: torch.Tensor, carrier: bool = False) -> None:
     """DMS-masked causal attention of each request over its own tokens; writes ``out``.
 
+    carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions; read as 0.
     q [T, Hq, D], k/v [T, H, D], out [T, Hq, D]: bf16, last dim contiguous (token/head strides
     free). flags [T, H] bool (shifted: the flag each key owns). cu_seqlens int32 [B+1];
     max_seqlen >= every request length (host int, sizes the grid).
@@ -136,4 +138,4 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        F32=not q.is_cuda, num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        F32=not q.is_cuda, CARRIER=carrier, num_warps=warps, num_stages=2 if q.is_cuda else 1)

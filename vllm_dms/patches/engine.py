@@ -8,8 +8,7 @@ flags fail fast with a message naming the field or flag.
   to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
   when the user asked for them and switched off (one log line) when merely on by default;
   afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
-  with ``--async-scheduling``, which stays off by default until it has run on a GPU), and this process's
-  InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
+  when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
   model class (no-evict mode); never served as a plain model with its decision lane live.
 * other dtypes, any other checkpoint: untouched.
@@ -123,9 +122,7 @@ def _prepare_dms(args: Any) -> DMSConfig:
         # budget to >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
         args.enable_chunked_prefill = False
         switched_off.append("chunked prefill")
-    if args.async_scheduling is None:
-        args.async_scheduling = False  # supported but not yet run on a GPU: opt-in only
-        switched_off.append("async scheduling")
+    # async scheduling: left to vLLM (on by default); _finish_dms picks the matching scheduler
     if args.block_size is None:
         args.block_size = DMS_BLOCK_SIZE  # slots per arena sub-page: one decode tile
     if args.attention_backend is None or _backend_name(args.attention_backend) == "AUTO":
@@ -168,7 +165,7 @@ def _reject_unsupported(args: Any) -> None:
     if args.scheduler_cls is not None and args.scheduler_cls not in (SCHEDULER_PATH,
                                                                      ASYNC_SCHEDULER_PATH):
         reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH} "
-               f"or, with --async-scheduling, {ASYNC_SCHEDULER_PATH})")
+               f"or, with async scheduling, {ASYNC_SCHEDULER_PATH})")
     if (args.max_num_batched_tokens is not None and args.max_model_len is not None
             and args.max_num_batched_tokens < args.max_model_len):
         reject("--max-num-batched-tokens",
