@@ -21,7 +21,7 @@ import sys
 import time
 
 ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "vllm-tq4": "turboquant_4bit_nc",
-           "dms_fp8": "dms_fp8", "dms_fp8-eager": "dms_fp8", "dms_fp8-async": "dms_fp8"}
+           "dms_fp8": "dms_fp8", "dms_fp8-eager": "dms_fp8", "dms_fp8-sync": "dms_fp8"}
 
 
 def prompts_for(model_dir: str, ctx: int, n: int) -> list[list[int]]:
@@ -50,13 +50,14 @@ def worker(a) -> None:
     pool = tokens * per_tok * (2 if kv == "auto" else 1)
     extra = {}
     if kv == "dms_fp8":
-        extra = dict(block_size=64, async_scheduling=a.engine.endswith("-async"))
+        extra = dict(block_size=64)
         pool = int(pool * 1.10)  # FP8 bytes + the arena's meta words and state region
     llm = LLM(model=a.model, load_format="dummy", dtype="bfloat16", kv_cache_dtype=kv,
               max_model_len=a.ctx + a.gen, kv_cache_memory_bytes=pool, max_num_seqs=maxc,
               max_num_batched_tokens=a.ctx + a.gen, gpu_memory_utilization=0.85,
               enable_prefix_caching=False, seed=0, enforce_eager=a.engine.endswith("-eager"),
-              **extra)
+              async_scheduling=False if a.engine.endswith("-sync") else None, **extra)
+    is_async = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
     all_prompts = prompts_for(a.model, a.ctx, maxc * 3)
 
     last_bytes = {}
@@ -84,8 +85,38 @@ def worker(a) -> None:
                    t1_s=t1, tgen_s=tn, pool_bytes=pool,
                    cuda_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    kv_bytes_per_seq=(per_tok * (2 if kv == "auto" else 1) * (a.ctx + a.gen)
-                                     if kv != "dms_fp8" else last_bytes[c]))
+                                     if kv != "dms_fp8" else last_bytes[c]),
+                   async_scheduling=is_async)
+        if c == a.profile_c:
+            row["decode_profile"] = decode_profile(lambda gen: run(c, gen, 1), row)
         print("ROW " + json.dumps(row), flush=True)
+
+
+def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
+    """GPU time per decode step by kernel (inside CUDA graphs too): a gen-token run minus a
+    1-token run, so the prefill's kernels cancel out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(g):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall = run_gen(g)
+        return wall, {e.key: (e.device_time_total, e.count) for e in prof.key_averages()
+                      if e.device_time_total > 0}
+    w1, k1 = kernels(1)
+    wn, kn = kernels(gen)
+    steps = gen - 1
+    per = {name: ((t - k1.get(name, (0, 0))[0]) / steps, (n - k1.get(name, (0, 0))[1]) / steps)
+           for name, (t, n) in kn.items()}
+    busy = sum(t for t, _ in per.values())
+    rows = sorted(per.items(), key=lambda x: -x[1][0])[:top]
+    out = dict(step_wall_us=1e6 * (wn - w1) / steps, step_gpu_busy_us=busy,
+               launches_per_step=sum(n for _, n in per.values()),
+               top=[[name[:90], round(t, 1), round(n, 2)] for name, (t, n) in rows])
+    print(f"[profile {row['engine']} c={row['c']}] step wall {out['step_wall_us']:.0f} us, "
+          f"GPU busy {busy:.0f} us, {out['launches_per_step']:.0f} launches/step", flush=True)
+    for name, t, n in out["top"]:
+        print(f"   {t:9.1f} us {n:7.1f}x  {name}", flush=True)
+    return out
 
 
 def dms_bytes_per_seq(c: int) -> float:
@@ -101,19 +132,32 @@ def driver(a) -> None:
     rows = []
     for eng in a.engines:
         cmd = [sys.executable, __file__, "--worker", "--engine", eng, "--model", a.model,
-               "--ctx", str(a.ctx), "--gen", str(a.gen), "--conc", *map(str, a.conc)]
+               "--ctx", str(a.ctx), "--gen", str(a.gen), "--conc", *map(str, a.conc),
+               "--profile-c", str(a.profile_c)]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
         t0 = time.time()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired as e:
+            p = subprocess.CompletedProcess(cmd, -9, (e.stdout or b"").decode(errors="replace"),
+                                            f"timeout after {a.timeout}s")
         got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
+        for line in p.stdout.splitlines():
+            if line.startswith("[profile") or line.startswith("   "):
+                print(line, flush=True)
         if p.returncode != 0 or not got:
             tail = (p.stderr or "")[-1500:]
             print(f"[{eng}] FAILED rc={p.returncode} in {time.time() - t0:.0f}s\n{tail}", flush=True)
             rows.append(dict(engine=eng, error=tail[-400:]))
+        print(f"[{eng}] {time.time() - t0:.0f}s", flush=True)
         for r in got:
             print(f"[{eng}] c={r['c']} prefill {r['prefill_tok_s']:.0f} tok/s decode "
                   f"{r['decode_tok_s']:.1f} tok/s peak {r['cuda_peak_gib']:.2f} GiB", flush=True)
         rows += got
+        save(a, rows)  # after every engine: a run cut short still leaves its rows
+
+
+def save(a, rows) -> None:
     base = {r["c"]: r for r in rows if r.get("engine") == "vllm-bf16" and "c" in r}
     fp8 = {r["c"]: r for r in rows if r.get("engine") == "vllm-fp8" and "c" in r}
     for r in rows:
@@ -130,7 +174,7 @@ def driver(a) -> None:
     stem = os.path.join(a.out_dir, f"speed-{a.name}-{meta['date']}")
     json.dump(rows, open(stem + ".json", "w"), indent=1)
     open(stem + ".md", "w").write(markdown(rows, meta))
-    print(open(stem + ".md").read())
+    print(open(stem + ".md").read(), flush=True)
 
 
 def markdown(rows, meta) -> str:
@@ -170,6 +214,8 @@ def main():
     ap.add_argument("--engines", nargs="+", default=list(ENGINES))
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--profile-c", type=int, default=0,
+                    help="also profile decode kernels at this concurrency (0: off)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--engine")
     a = ap.parse_args()

@@ -6,6 +6,11 @@ with ``vllm_dms.reference.reference_forward`` on the same tokens (teacher-forced
 FP8 for decode rows, as the engine reads them): greedy tokens, flags (recovered from the arena), live counts per (layer, head), and the
 log-probabilities vLLM returned. Writes one JSON row per model.
 
+Two checks per prompt: *free-running* (the reference computes its own decisions: numerics and
+decisions together) and *mechanics* (the reference is given the engine's decisions, recovered
+from the arena: store, eviction and attention alone). By default the reference runs on the
+engine's own weights (``vllm_dms.reference_view``), so synthetic dummy-weight checkpoints work.
+
     python benchmarks/correctness.py --model DIR --name smollm2-135m-dms --out results.json
 """
 from __future__ import annotations
@@ -50,7 +55,32 @@ def flags_from_positions(positions, n_tokens, window):
     return flags
 
 
-def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) -> dict:
+def injected_from_flags(fl: torch.Tensor, n_tokens: int, shift: int) -> torch.Tensor:
+    """Arena flags [L, cutoff, H] -> decisions [L, n_tokens, H] (d[k + shift] = f[k]). Decisions
+    of the last W + 1 keys stay False: no query of this sequence reads their flags yet."""
+    L, cutoff, H = fl.shape
+    dec = torch.zeros(L, n_tokens, H, dtype=torch.bool)
+    dec[:, shift: shift + cutoff] = fl
+    return dec
+
+
+def max_logprob_diff(vllm_logprobs, ref_logits, upto: int) -> float:
+    logp = torch.log_softmax(ref_logits.float(), -1).cpu()
+    worst = 0.0
+    for t, lp in enumerate(vllm_logprobs[:upto]):
+        for tid, v in lp.items():
+            worst = max(worst, abs(v.logprob - float(logp[t, tid])))
+    return worst
+
+
+def engine_model(llm):
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    m = runner.get_model()
+    return m.unwrap() if hasattr(m, "unwrap") else m
+
+
+def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
+        weights: str = "engine") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -62,11 +92,18 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
     dms = DMSConfig.from_checkpoint(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = json.load(open(PROMPT_FILE))["prompts"][:max_prompts]
+    synthetic = "dms_synthetic" in json.load(open(os.path.join(model_dir, "config.json")))
     llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, max_num_seqs=8,
-              gpu_memory_utilization=0.35, enforce_eager=eager, seed=0)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+              gpu_memory_utilization=0.35, enforce_eager=eager, seed=0,
+              load_format="dummy" if synthetic else "auto")
+    if weights == "engine":
+        from vllm_dms.reference_view import reference_view
+        hf = reference_view(engine_model(llm), llm.llm_engine.vllm_config.model_config.hf_config)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     sp = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)
-    rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0)
+    rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0,
+                m_match=0, m_live_eq=0, m_lp_diff=0.0)
     per_prompt = []
     for text in prompts:
         ids = tok(text)["input_ids"]
@@ -90,10 +127,17 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
         fl = flags_from_positions(positions, n_arena, dms.window)
         ref_fl = ref.flags[:, : fl.shape[1]].cpu()
         rows["dec_eq"] += int((ref_fl == fl).sum()); rows["dec_n"] += fl.numel()
-        logp = torch.log_softmax(ref.logits[P - 1:].float(), -1).cpu()
-        for t, lp in enumerate(out.logprobs[:first_div]):
-            for tid, v in lp.items():
-                rows["lp_diff"] = max(rows["lp_diff"], abs(v.logprob - float(logp[t, tid])))
+        rows["lp_diff"] = max(rows["lp_diff"],
+                              max_logprob_diff(out.logprobs, ref.logits[P - 1:], first_div))
+        # mechanics: the engine's own decisions injected, teacher-forced on its tokens
+        inj = injected_from_flags(fl, n_arena, dms.decision_shift)
+        with torch.no_grad():
+            ref_m = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
+                                      kv_fp8_from=len(ids), injected_decisions=inj)
+        rows["m_match"] += int((ref_m.logits[P - 1:].argmax(-1).cpu() == gen).sum())
+        rows["m_live_eq"] += int((ref_m.live[:, n_arena - 1].cpu() == live).sum())
+        rows["m_lp_diff"] = max(rows["m_lp_diff"],
+                                max_logprob_diff(out.logprobs, ref_m.logits[P - 1:], steps))
         bytes_dms = int(pages.sum()) * rt.layout.subpage_bytes
         bytes_bf16 = n_arena * dms.num_layers * dms.num_kv_heads * dms.head_dim * 2 * 2
         per_prompt.append(dict(prompt_tokens=P, first_divergence=first_div,
@@ -109,6 +153,12 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool) ->
                 max_abs_logit_diff=rows["lp_diff"],
                 max_abs_logit_diff_note="max |logprob(vLLM) - logprob(reference)| over the top-5 "
                                         "returned per step, up to the first greedy divergence",
+                mechanics_token_match=rows["m_match"] / rows["total"],
+                mechanics_live_count_match=rows["m_live_eq"] / rows["live_n"],
+                mechanics_max_abs_logprob_diff=rows["m_lp_diff"],
+                mechanics_note="reference given the engine's decisions (from the arena), "
+                               "teacher-forced on the engine's tokens, all steps",
+                weights=weights,
                 kv_bytes_per_seq_dms=sum(p["kv_bytes_dms"] for p in per_prompt) // len(per_prompt),
                 kv_bytes_per_seq_bf16=sum(p["kv_bytes_bf16"] for p in per_prompt) // len(per_prompt),
                 per_prompt=per_prompt, cuda_graphs=not eager)
@@ -129,10 +179,12 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--weights", choices=["engine", "hf"], default="engine",
+                    help="reference weights: the engine's own tensors, or the HF checkpoint")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     t0 = time.time()
-    row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs)
+    row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs, weights=a.weights)
     row.update(commit=_commit(), date=datetime.date.today().isoformat(),
                device=torch.cuda.get_device_name(), vllm_version=_vllm_version(),
                wall_s=round(time.time() - t0, 1))
