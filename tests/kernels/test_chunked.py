@@ -230,7 +230,8 @@ def test_chunk_pack_overflow(kit, device):
 
 def test_chunked_compiles_sm90(compile_sm90):
     ptr = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    ptr.update({n: "*i32" for n in "arena cu n0_ptr slots layer_pages live overflow".split()})
+    ptr.update({n: "*i32" for n in
+                "arena cu n0_ptr slots layer_pages live overflow surv cum".split()})
     ptr.update(flags="*u8", dec="*u8", qk_scale="fp32")
     specs = []
     for G, D, E, W in [(4, 128, 1, 512), (3, 96, 2, 16)]:

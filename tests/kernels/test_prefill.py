@@ -79,7 +79,7 @@ def test_prefill_all_or_no_flags(device, p_flag):
 
 def test_prefill_compiles_sm90(compile_sm90):
     ptr = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    ptr.update(flags="*u8", cu="*i32", qk_scale="fp32")
+    ptr.update(flags="*u8", cu="*i32", surv="*i32", cum="*i32", qk_scale="fp32")
     specs = []
     for G, D, br, bn in [(3, 128, 64, 64), (8, 256, 64, 32)]:
         specs.append(("vllm_dms.kernels.prefill", "_prefill_attn_kernel", ptr,
@@ -97,3 +97,21 @@ def test_prefill_compiles_sm90(compile_sm90):
 def test_prefill_gpu_matrix(G, D, W, shift):
     run_case([1, 300, 77, 1030, 0, 513], H=4, G=G, D=D, W=W, shift=shift,
              seed=G * 1000 + D + W + shift, device="cuda", strided=(W == 16), carrier=(W != 1))
+
+
+def test_survivor_index_lists_unflagged_keys_per_head():
+    from vllm_dms.kernels.prefill import survivor_index
+    g = torch.Generator().manual_seed(4)
+    flags = torch.rand(37, 3, generator=g) < 0.7
+    surv, cum = survivor_index(flags)
+    for h in range(3):
+        keep = (~flags[:, h]).nonzero().flatten()
+        assert surv[h, :keep.numel()].tolist() == keep.tolist()
+        assert cum[h].tolist() == [0] + (~flags[:, h]).int().cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("p_flag", [0.3, 0.9])
+def test_prefill_long_prompts_use_survivor_lists(device, p_flag):
+    """Prompts several tiles long with W well below them: most key tiles are 'far' and read
+    through the survivor lists; two requests in one batch check the per-request offsets."""
+    run_case([150, 97], H=2, G=2, D=16, W=5, shift=1, seed=21, device=device, p_flag=p_flag)

@@ -31,7 +31,7 @@ from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _drop_carrier, _kv_byt
                                         _meta_ptr, _pop, _settle, _write_kv, arena_words,
                                         check_store_args,
                                         state_word_offsets)
-from vllm_dms.kernels.prefill import LOG2E, _attend_own_keys, _online_step
+from vllm_dms.kernels.prefill import LOG2E, _attend_own_keys, _online_step, survivor_index
 
 
 # ---------------------------------------------------------------------------- flag of n0-1
@@ -80,7 +80,8 @@ def dms_chunk_flag_prev(kv_layer: torch.Tensor, layout: ArenaLayout, dec_first: 
 
 # ---------------------------------------------------------------------------- attention
 @triton.jit
-def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_len, o_pages,
+def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, n0_ptr, slots, arena,
+                       o_len, o_pages,
                        out_ptr, sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh,
                        H, W, MAXP, qk_scale,
                        G: tl.constexpr, TM: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
@@ -127,7 +128,8 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, n0_ptr, slots, arena, o_l
                                  (meta >= 0)[None, :])
             m_i, l_i, acc = _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32)
         # (b) the chunk's own keys: causal + window + flags (local indices)
-        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, surv, cum, T, start, n, m_lo,
+                                         t, h, dd, dm,
                                          skt, skh, svt, svh, sft, sfh, W, qk_scale,
                                          m_i, l_i, acc, TM, BLOCK_N, F32)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -175,8 +177,9 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
     tm = block_r // G
     o_len, o_pages = (state_word_offsets(layout)[i] for i in (2, 5))
     fl = flags.view(torch.uint8)
+    surv, cum = survivor_index(flags)
     _chunk_attn_kernel[(triton.cdiv(max_seqlen, tm), B, H)](
-        q, k, v, fl, cu_seqlens, n0, slots, words, o_len, o_pages, out,
+        q, k, v, fl, surv, cum, T, cu_seqlens, n0, slots, words, o_len, o_pages, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1),
         H, window, layout.max_pages_per_row, scale * LOG2E,

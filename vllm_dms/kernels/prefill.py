@@ -3,9 +3,13 @@
 Mask (per kv head h): key k is visible to query t iff k <= t and (t - k <= W or not f[k, h]).
 The G = Hq / H query heads of group h share that mask and kv head h, so one program packs
 ``BLOCK_R // G`` tokens x G heads into the rows of one tile and loads each K/V tile once.
-Online softmax in fp32 (base 2), bf16 in and out. Key tiles wholly behind every row's window
-need only the flag mask (and are skipped when every key is flagged); only tiles near the
-diagonal pay for the causal + window mask.
+Online softmax in fp32 (base 2), bf16 in and out.
+
+Keys wholly behind every row's window are visible iff unflagged, so they are not scanned: a
+per-head survivor list (``survivor_index``: the token indices of the unflagged keys, and prefix
+counts to find each query tile's share) is gathered tile by tile, with no mask at all. Only the
+band of tiles near the diagonal (about W + TM keys) pays for the causal + window + flag mask.
+At eviction rate e the attention work drops from ~n/2 to ~(1-e) n/2 + W keys per query.
 """
 from __future__ import annotations
 
@@ -30,24 +34,42 @@ def _online_step(q, kx, vx, vis, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
     return m_new, l_i, acc
 
 
+def survivor_index(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flags [T, H] bool -> (surv int32 [H, T + 1]: token index of head h's j-th unflagged key,
+    in token order (tail unused); cum int32 [H, T + 1]: head h's unflagged keys among [0, i)).
+    On the flags' device, no host sync (a few small ops per layer and prefill step)."""
+    T, H = flags.shape
+    keep = ~flags.t()
+    cum = torch.zeros(H, T + 1, dtype=torch.int32, device=flags.device)
+    torch.cumsum(keep, dim=1, dtype=torch.int32, out=cum[:, 1:])
+    dest = torch.where(keep, cum[:, :-1], T).long()  # flagged keys land in a spare column
+    tok = torch.arange(T, dtype=torch.int32, device=flags.device).expand(H, T)
+    surv = torch.zeros(H, T + 1, dtype=torch.int32, device=flags.device)
+    surv.scatter_(1, dest, tok)
+    return surv, cum
+
+
 @triton.jit
-def _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+def _attend_own_keys(q, k_ptr, v_ptr, flags, surv, cum, T, start, n, m_lo, t, h, dd, dm,
                      skt, skh, svt, svh, sft, sfh, W, qk_scale, m_i, l_i, acc,
                      TM: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr):
     # Keys of the request's own in-flight tokens [0, min(m_lo + TM, n)) for query rows t.
     nn = tl.arange(0, BLOCK_N)
     kbase = k_ptr + h * skh + dd[None, :]
     vbase = v_ptr + h * svh + dd[None, :]
-    # far tiles: every key is causal and out of every row's window: only flags mask
+    # far keys [0, far_end): causal and out of every row's window, so visible iff unflagged:
+    # walk head h's survivor list (surv, cum [H, T + 1]; token indices as k_ptr's)
     far_end = tl.maximum(m_lo - W, 0) // BLOCK_N * BLOCK_N
-    for c0 in range(0, far_end, BLOCK_N):
-        ktok = (start + c0 + nn).to(tl.int64)
-        f = tl.load(flags + ktok * sft + h * sfh)
-        if tl.sum((f == 0).to(tl.int32), 0) > 0:  # an all-flagged far tile is invisible
-            kx = tl.load(kbase + ktok[:, None] * skt, mask=dm[None, :], other=0.0)
-            vx = tl.load(vbase + ktok[:, None] * svt, mask=dm[None, :], other=0.0)
-            m_i, l_i, acc = _online_step(q, kx, vx, (f == 0)[None, :], m_i, l_i, acc,
-                                         qk_scale, F32)
+    j_lo = tl.load(cum + h * (T + 1) + start)
+    j_hi = tl.load(cum + h * (T + 1) + start + far_end)
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        jj = j0 + nn
+        jm = jj < j_hi
+        ktok = tl.load(surv + h * (T + 1) + jj, mask=jm, other=0).to(tl.int64)
+        km = jm[:, None] & dm[None, :]
+        kx = tl.load(kbase + ktok[:, None] * skt, mask=km, other=0.0)
+        vx = tl.load(vbase + ktok[:, None] * svt, mask=km, other=0.0)
+        m_i, l_i, acc = _online_step(q, kx, vx, jm[None, :], m_i, l_i, acc, qk_scale, F32)
     # near tiles: causal + window + flags
     m_hi = tl.minimum(m_lo + TM, n)  # exclusive: causal bound of the tile
     for c0 in range(far_end, m_hi, BLOCK_N):
@@ -65,7 +87,7 @@ def _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
 
 
 @triton.jit
-def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
+def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, out_ptr,
                          sqt, sqh, skt, skh, svt, svh, sft, sfh, sot, soh, W, qk_scale,
                          G: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -90,7 +112,8 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, cu, out_ptr,
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, start, n, m_lo, t, h, dd, dm,
+        m_i, l_i, acc = _attend_own_keys(q, k_ptr, v_ptr, flags, surv, cum, T, start, n, m_lo,
+                                         t, h, dd, dm,
                                          skt, skh, svt, svh, sft, sfh, W, qk_scale,
                                          m_i, l_i, acc, TM, BLOCK_N, F32)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -132,9 +155,10 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
     block_r = max(block_r, triton.next_power_of_2(G))
     tm = block_r // G
     fl = flags.view(torch.uint8)
+    surv, cum = survivor_index(flags)
     grid = (triton.cdiv(max_seqlen, tm), B, H)
     _prefill_attn_kernel[grid](
-        q, k, v, fl, cu_seqlens, out,
+        q, k, v, fl, surv, cum, T, cu_seqlens, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),

@@ -1,0 +1,164 @@
+"""`vllm serve` + `vllm bench serve`: dms_fp8 vs dense BF16 at the same --gpu-memory-utilization.
+
+    python benchmarks/serve_bench.py --model DIR --name llama-3.2-1b --gpu-util 0.12 \
+        --out-dir benchmarks/results [--engines vllm-bf16 dms_fp8] [--prefix-len 0]
+
+Each engine: a real server (tests/reliability/gpu_util.Server; dummy weights for a synthetic
+checkpoint), then vLLM's own load generator (random dataset, ignore_eos), /metrics polled every
+second (peak waiting / running / kv_cache_usage_perc, the DMS gauges at mid-run), and after the
+run the server must drain to idle (usage 0). Rows go to serve-<name>-<date>.json (a list, rows of
+earlier runs of the same file kept) plus a Markdown table and the metrics excerpt.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "reliability"))
+
+from gpu_util import Server  # noqa: E402
+
+ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "dms_fp8": "dms_fp8"}
+
+
+class Poller(threading.Thread):
+    """Samples /metrics every second: peaks, and the DMS lines once the run is under way."""
+
+    def __init__(self, server: Server):
+        super().__init__(daemon=True)
+        self.server, self.stop, self.peak, self.excerpt = server, False, {}, ""
+
+    def run(self):
+        import requests
+        t0 = time.monotonic()
+        while not self.stop:
+            try:
+                m = self.server.metrics()
+            except Exception:  # noqa: BLE001  (a slow scrape under load: try again)
+                time.sleep(1)
+                continue
+            for k in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                      "vllm:kv_cache_usage_perc", "vllm:dms_live_kv_tokens",
+                      "vllm:dms_arena_bytes_in_use"):
+                if k in m:
+                    self.peak[k] = max(self.peak.get(k, 0.0), m[k])
+            if not self.excerpt and time.monotonic() - t0 > 15 and m.get(
+                    "vllm:num_requests_running", 0) > 0:
+                text = requests.get(self.server.url + "/metrics", timeout=10).text
+                self.excerpt = "\n".join(
+                    line for line in text.splitlines()
+                    if line.startswith(("vllm:dms_", "vllm:kv_cache_usage_perc",
+                                        "vllm:num_requests_")))
+            time.sleep(1)
+
+
+def bench(server: Server, a, out_json: str) -> dict:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+           "--backend", "openai", "--base-url", server.url, "--model", a.model,
+           "--tokenizer", a.model, "--dataset-name", "random",
+           "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+           "--random-prefix-len", str(a.prefix_len),
+           "--max-concurrency", str(a.concurrency), "--num-prompts", str(a.num_prompts),
+           "--ignore-eos", "--seed", "0", "--disable-tqdm", "--save-result",
+           "--result-dir", os.path.dirname(out_json),
+           "--result-filename", os.path.basename(out_json)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    print(p.stdout[-2500:], flush=True)
+    if p.returncode != 0 or not os.path.exists(out_json):
+        raise RuntimeError(f"vllm bench serve failed rc={p.returncode}: {p.stderr[-2000:]}")
+    return json.load(open(out_json))
+
+
+def wait_idle(server: Server, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if (m.get("vllm:num_requests_running", 1) == 0
+                and m.get("vllm:num_requests_waiting", 1) == 0
+                and m.get("vllm:kv_cache_usage_perc", 1) == 0):
+            return m
+        time.sleep(1)
+    return server.metrics()
+
+
+def run_engine(engine: str, a) -> dict:
+    kv = ENGINES[engine]
+    synthetic = "dms_synthetic" in json.load(open(os.path.join(a.model, "config.json")))
+    args = ["--kv-cache-dtype", kv, "--gpu-memory-utilization", str(a.gpu_util),
+            "--max-model-len", str(a.input_len + a.prefix_len + a.output_len + 64),
+            "--max-num-seqs", str(a.max_num_seqs), "--seed", "0"]
+    if synthetic:
+        args += ["--load-format", "dummy"]
+    if a.prefix_caching is not None:
+        args += ["--enable-prefix-caching" if a.prefix_caching else "--no-enable-prefix-caching"]
+    t0 = time.time()
+    with Server(a.model, *args, timeout=600) as s:
+        started = time.time() - t0
+        poll = Poller(s)
+        poll.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = bench(s, a, os.path.join(tmp, "result.json"))
+        poll.stop = True
+        idle = wait_idle(s)
+    row = dict(engine=engine, model=a.name, max_concurrency=a.concurrency,
+               num_prompts=a.num_prompts, input_len=a.input_len, output_len=a.output_len,
+               prefix_len=a.prefix_len, prefix_caching=a.prefix_caching,
+               completed=res.get("completed"), failed=res.get("failed", 0),
+               output_throughput=res.get("output_throughput"),
+               mean_ttft_ms=res.get("mean_ttft_ms"), mean_tpot_ms=res.get("mean_tpot_ms"),
+               p99_ttft_ms=res.get("p99_ttft_ms"), duration_s=res.get("duration"),
+               gpu_memory_utilization=a.gpu_util, startup_s=round(started, 1),
+               peak_requests_waiting=poll.peak.get("vllm:num_requests_waiting"),
+               peak_requests_running=poll.peak.get("vllm:num_requests_running"),
+               peak_kv_cache_usage_perc=poll.peak.get("vllm:kv_cache_usage_perc"),
+               peak_dms_arena_bytes_in_use=poll.peak.get("vllm:dms_arena_bytes_in_use"),
+               idle_kv_cache_usage_perc=idle.get("vllm:kv_cache_usage_perc"),
+               idle_dms_arena_bytes_in_use=idle.get("vllm:dms_arena_bytes_in_use"),
+               metrics_excerpt=poll.excerpt)
+    print(f"[{engine}] {json.dumps({k: v for k, v in row.items() if k != 'metrics_excerpt'})}",
+          flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--engines", nargs="+", default=["vllm-bf16", "dms_fp8"])
+    ap.add_argument("--gpu-util", type=float, default=0.12)
+    ap.add_argument("--input-len", type=int, default=8192)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--prefix-len", type=int, default=0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--prefix-caching", type=int, choices=[0, 1], default=None)
+    ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    a = ap.parse_args()
+    date = datetime.date.today().isoformat()
+    path = os.path.join(a.out_dir, f"serve-{a.name}-{date}.json")
+    os.makedirs(a.out_dir, exist_ok=True)
+    for eng in a.engines:
+        try:
+            row = run_engine(eng, a)
+        except Exception as e:  # noqa: BLE001  (record the failure, go on with the next engine)
+            row = dict(engine=eng, model=a.name, error=str(e)[-1500:])
+            print(f"[{eng}] FAILED: {e}", flush=True)
+        row.update(commit=os.environ.get("VLLM_DMS_COMMIT", "unknown"), date=date)
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        rows.append(row)
+        json.dump(rows, open(path, "w"), indent=1)  # after every engine
+    print(open(path).read()[-4000:])
+
+
+if __name__ == "__main__":
+    main()
