@@ -195,10 +195,13 @@ def main():
 
 
 def _commit() -> str:
+    # The device machine's checkout may carry a stale .git: the caller's hash wins.
+    if os.environ.get("VLLM_DMS_COMMIT"):
+        return os.environ["VLLM_DMS_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
-        return os.environ.get("VLLM_DMS_COMMIT", "unknown")
+        return "unknown"
 
 
 def _vllm_version() -> str:

@@ -7,15 +7,18 @@ ROOT = os.path.join(os.path.dirname(__file__), "results")
 
 
 def speed():
-    print("| model | engine | c | decode tok/s | decode x BF16 | prefill x BF16 | KV bytes/seq | KV x less than BF16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | engine | c | decode tok/s | decode x BF16 | decode x FP8 | prefill x BF16 | "
+          "KV bytes/seq | KV x less than BF16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in sorted(glob.glob(os.path.join(ROOT, "speed-*.json"))):
-        for r in json.load(open(path)):
-            if "c" not in r:
-                continue
+        rows = [r for r in json.load(open(path)) if "c" in r]
+        bf16 = {(r["model"], r["c"]): r["kv_bytes_per_seq"] for r in rows
+                if r["engine"] == "vllm-bf16"}
+        for r in rows:
             print(f"| {r['model']} | {r['engine']} | {r['c']} | {r['decode_tok_s']:.1f} | "
-                  f"{r['decode_x_bf16']:.2f} | {r['prefill_x_bf16']:.2f} | "
-                  f"{r['kv_bytes_per_seq']:.0f} | {r.get('kv_bytes_x_bf16', 0):.1f} |")
+                  f"{r['decode_x_bf16']:.2f} | {r.get('decode_x_fp8', float('nan')):.2f} | "
+                  f"{r['prefill_x_bf16']:.2f} | {r['kv_bytes_per_seq']:.0f} | "
+                  f"{bf16[(r['model'], r['c'])] / r['kv_bytes_per_seq']:.1f} |")
 
 
 def correctness():
@@ -38,5 +41,35 @@ def quality():
                   f"{r['ppl_base']:.2f} |")
 
 
+def serve():
+    print("| model | engine | concurrency x prompts | in/out tokens | failed | output tok/s | "
+          "x BF16 | mean TTFT ms | mean TPOT ms | peak waiting | peak KV usage | GPU util |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in sorted(glob.glob(os.path.join(ROOT, "serve-*.json"))):
+        rows = [r for r in json.load(open(path)) if "output_throughput" in r]
+        base = {r["model"]: r["output_throughput"] for r in rows if r["engine"] == "vllm-bf16"}
+        for r in rows:
+            x = r["output_throughput"] / base[r["model"]] if r["model"] in base else float("nan")
+            print(f"| {r['model']} | {r['engine']} | {r['max_concurrency']} x {r['num_prompts']} | "
+                  f"{r['input_len']}/{r['output_len']} | {r['failed']} | "
+                  f"{r['output_throughput']:.0f} | {x:.2f} | {r['mean_ttft_ms']:.0f} | "
+                  f"{r['mean_tpot_ms']:.1f} | {r['peak_requests_waiting']:.0f} | "
+                  f"{r['peak_kv_cache_usage_perc']:.3f} | {r['gpu_memory_utilization']} |")
+
+
+def mechanics():
+    print("| model | greedy match | decision match | mechanics token match | mechanics live match "
+          "| mechanics max logprob diff | graphs |")
+    print("|---|---|---|---|---|---|---|")
+    for path in sorted(glob.glob(os.path.join(ROOT, "correctness-*.json"))):
+        for r in json.load(open(path)):
+            if "mechanics_token_match" in r:
+                print(f"| {r['model']} | {r['greedy_token_match']:.3f} | {r['decision_match']:.4f} | "
+                      f"{r['mechanics_token_match']:.3f} | {r['mechanics_live_count_match']:.3f} | "
+                      f"{r['mechanics_max_abs_logprob_diff']:.4f} | {r['cuda_graphs']} |")
+
+
 if __name__ == "__main__":
-    speed(); print(); correctness(); print(); quality()
+    for table in (speed, correctness, mechanics, serve, quality):
+        table()
+        print()
