@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vllm_dms.config import DMSConfig
-from vllm_dms.quality import (ROW_KEYS, compression, greedy_cached, logit_stats, make_prompts,
-                              make_row, make_windows, merge_rows, score_reference)
+from vllm_dms.quality import (DMS_FP8_KEYS, ROW_KEYS, base_ppl, compression, greedy_cached,
+                              logit_stats, make_prompts, make_row, make_windows, merge_rows,
+                              score_dms_fp8, score_reference)
+from vllm_dms.quality_vllm import VllmScores, WindowLogprobs, topk_of
 from vllm_dms.reference import greedy_generate_reference, live_counts, reference_forward
 
 VOCAB = 83
@@ -119,3 +121,100 @@ def test_windows_prompts_and_rows(tmp_path):
     merge_rows(out, [dict(row, ppl=6.0)])  # same (model, path) replaces the old row
     rows = json.load(open(out))
     assert [(r["model"], r["ppl"]) for r in rows] == [("n", 5.0), ("m", 6.0)]
+
+
+# ------------------------------------------------------------------ the dms_fp8 path, engine faked
+def fake_vllm_scores(model, dms, wins, top_k, live=True) -> VllmScores:
+    """What a perfect engine would return: the evict reference's own top-k and live counts."""
+    out, lives = [], []
+    for ids in wins:
+        ev = reference_forward(model, dms, ids, evict=True)
+        lp = F.log_softmax(ev.logits[:-1].double(), -1)
+        out.append(WindowLogprobs(lp[torch.arange(ids.numel() - 1), ids[1:]],
+                                  *topk_of(ev.logits[:-1], top_k)))
+        lives.append(ev.live[:, -1])
+    return VllmScores(out, torch.stack(lives) if live else None, "" if live else "why", {})
+
+
+def test_dms_fp8_scores_of_an_engine_equal_to_the_reference(model):
+    dms, wins = dms_for(model, window=3), windows()
+    ref = score_reference(model, dms, wins)
+    s = score_dms_fp8(model, dms, wins, fake_vllm_scores(model, dms, wins, 5), top_k=5)
+    assert s["kld_vs_reference_evict"] == 0.0 and s["token_match_vs_reference_evict"] == 1.0
+    assert s["kld_support"] == "top5+tail" and s["tokens_scored"] == 117
+    # same lens, same numbers; the lens only loses divergence
+    assert s["kld_vs_noevict"] == s["reference_kld_vs_noevict_topk"]
+    assert 0 < s["kld_vs_noevict"] < s["reference_kld_vs_noevict"]
+    assert s["reference_kld_vs_noevict"] == pytest.approx(ref["kld_vs_noevict"], rel=1e-6)
+    assert s["token_match"] == s["reference_token_match"] == ref["token_match"] < 1.0
+    assert s["ppl"] == pytest.approx(ref["ppl"], rel=1e-5) == s["reference_ppl"]
+    assert s["ppl_noevict"] == pytest.approx(ref["ppl_noevict"], rel=1e-6)
+    assert s["measured_compression"] == ref["measured_compression"] == s["reference_compression"]
+    assert s["measured_compression_source"] == "engine_arena" and s["engine_live_match"] == 1.0
+
+
+def test_dms_fp8_compression_source(model):
+    dms, wins = dms_for(model, window=3), windows(n=2)
+    vs = fake_vllm_scores(model, dms, wins, 5, live=False)
+    s = score_dms_fp8(model, dms, wins, vs, top_k=5)
+    assert s["measured_compression"] == s["reference_compression"] > 1.5
+    assert s["measured_compression_source"] == "reference_evict (same windows); why"
+    assert "engine_live_match" not in s
+    vs.live = fake_vllm_scores(model, dms, wins, 5).live + 1  # one more key live everywhere
+    s = score_dms_fp8(model, dms, wins, vs, top_k=5)
+    assert s["engine_live_match"] == 0.0
+    assert s["measured_compression"] < s["reference_compression"]
+
+
+def test_evaluate_dms_fp8_row(model, tmp_path, monkeypatch):
+    import transformers
+
+    from vllm_dms import quality
+    from vllm_dms.checkpoints import add_dms_fields
+    src = str(tmp_path / "plain")
+    model.save_pretrained(src)
+    ckpt = add_dms_fields(src, str(tmp_path / "dms"), window=3)
+    seen = {}
+
+    def fake_score_vllm(model_dir, wins, *, top_k, **engine_kw):
+        seen.update(model_dir=model_dir, wins=wins, top_k=top_k, engine_kw=engine_kw)
+        return fake_vllm_scores(quality._load(model_dir, "cpu"), DMSConfig.from_checkpoint(
+            model_dir), wins, top_k)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(quality, "eval_tokens", lambda tok: windows(1, 200)[0])
+    monkeypatch.setattr(quality, "score_vllm", fake_score_vllm)
+    row = quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", windows=2,
+                           window_len=40, top_k=5, engine_kw={"enforce_eager": True},
+                           date="2026-01-02")
+    assert tuple(k for k in row if k != "details") == ROW_KEYS + DMS_FP8_KEYS
+    assert seen["model_dir"] == ckpt and seen["top_k"] == 5
+    assert seen["engine_kw"] == {"enforce_eager": True}
+    assert torch.equal(seen["wins"], windows(1, 200)[0][:80].view(2, 40))
+    assert row["path"] == "dms_fp8" and row["kld_support"] == "top5+tail"
+    assert row["kld_vs_reference_evict"] == 0.0 and row["tokens_scored"] == 78
+    assert row["ppl_base"] == pytest.approx(base_ppl(model, seen["wins"]), rel=1e-5)
+    assert row["details"]["top_k"] == 5 and "gen_agreement" not in row["details"]
+    with pytest.raises(ValueError):
+        quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", kv_fp8=True)
+
+
+def test_cli_eval_dms_fp8_wiring(tmp_path, monkeypatch):
+    from vllm_dms import quality
+    from vllm_dms.cli import main
+    seen = {}
+
+    def fake_evaluate(model_dir, **kw):
+        seen.update(kw, model_dir=model_dir)
+        return dict(model=kw["name"], path=kw["path"], ppl=1.0)
+
+    monkeypatch.setattr(quality, "evaluate", fake_evaluate)
+    out = str(tmp_path / "q.json")
+    assert main(["eval", str(tmp_path / "ck"), "--path", "dms_fp8", "--base-dir", "b",
+                 "--top-k", "7", "--enforce-eager", "--device", "cpu", "--out", out]) == 0
+    assert seen["path"] == "dms_fp8" and seen["top_k"] == 7 and seen["base_dir"] == "b"
+    assert seen["engine_kw"] == dict(gpu_memory_utilization=0.3, enforce_eager=True)
+    assert json.load(open(out)) == [dict(model="ck", path="dms_fp8", ppl=1.0)]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "x", "--path", "dms_fp8", "--kv-fp8", "--base-dir", "b", "--out", out])
+    assert e.value.code == 2

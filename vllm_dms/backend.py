@@ -218,8 +218,9 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         if attn_metadata is None:  # profiling / dummy run: no arena traffic
             return output.fill_(0)
         from vllm_dms.kernels.decode import dms_decode_attention
-        from vllm_dms.kernels.arena_ops import dms_decode_store, dms_prefill_pack
-        from vllm_dms.kernels.prefill import dms_prefill_attention
+        from vllm_dms.kernels.arena_ops import dms_decode_store
+        from vllm_dms.kernels.pack import dms_prefill_pack
+        from vllm_dms.kernels.prefill import dms_prefill_attention, survivor_index
         md, rt = attn_metadata, attn_metadata.runtime
         dms, layout = rt.dms, rt.layout
         li = rt.layer_index[layer.layer_name]
@@ -248,10 +249,13 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
                 flags = torch.cat([dec[1:], torch.zeros_like(dec[:1])])
                 flags[md.prefill_last] = False
             if md.prefill_cont_slots is None:  # every prefill row is a first chunk
+                index = survivor_index(flags)  # shared by attention and pack
                 dms_prefill_attention(q[nd:], kp, vp, flags, md.prefill_cu, md.max_prefill_len,
-                                      dms.window, self.scale, out[nd:], carrier=True)
+                                      dms.window, self.scale, out[nd:], carrier=True,
+                                      index=index)
                 dms_prefill_pack(kv, layout, kp, vp, flags, md.prefill_cu, md.slots[nd:],
-                                 pages, rt.overflow, live=rt.slot_live)
+                                 pages, rt.overflow, live=rt.slot_live,
+                                 max_seqlen=md.max_prefill_len, cum=index[1])
             else:
                 self._chunked_prefill(q[nd:], kp, vp, dec, flags, kv, md, out[nd:], pages)
         if li == layout.num_layers - 1:
@@ -261,7 +265,7 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
     def _chunked_prefill(self, q, k, v, dec, flags, kv, md: DMSMetadata, out, pages) -> None:
         # Continuations first see (and then update) their rows; first chunks (n0 = 0) only see
         # themselves in dms_chunk_attention and are packed by dms_prefill_pack.
-        from vllm_dms.kernels.arena_ops import dms_prefill_pack
+        from vllm_dms.kernels.pack import dms_prefill_pack
         from vllm_dms.kernels.chunked import (dms_chunk_attention, dms_chunk_flag_prev,
                                               dms_chunk_pack)
         rt = md.runtime
@@ -271,6 +275,6 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         dms_chunk_attention(q, k, v, flags, md.prefill_cu, n0, cont, kv, layout, dms.window,
                             self.scale, out, max_seqlen=md.max_prefill_len, carrier=True)
         dms_prefill_pack(kv, layout, k, v, flags, md.prefill_cu, md.prefill_first_slots, pages,
-                         rt.overflow, live=rt.slot_live)
+                         rt.overflow, live=rt.slot_live, max_seqlen=md.max_prefill_len)
         dms_chunk_pack(kv, layout, k, v, flags, md.prefill_cu, n0, cont, pages, rt.overflow,
                        live=rt.slot_live)

@@ -10,6 +10,13 @@ position t < N-1 (predicting token t+1):
                   per-layer values use the mean over heads and windows
 Greedy generation agreement: 4 prompts x 64 tokens, DMS vs no-evict, exact DMS semantics (an
 incremental decoder that tests check against reference.greedy_generate_reference).
+
+Path dms_fp8 (GPU): the same windows through vLLM with --kv-cache-dtype dms_fp8 (prompt_logprobs,
+vllm_dms.quality_vllm). vLLM returns only its top-k, so its KLDs are on the support "top-k ids +
+one tail bucket" (row field kld_support; a lower bound of the full KLD): kld_vs_noevict against
+the no-evict reference, kld_vs_reference_evict against the exact reference with eviction on
+(agreement of engine and reference). measured_compression: the engine arena's live counts when
+readable (in-process engine), else the evict reference's on the same windows (details say which).
 """
 from __future__ import annotations
 
@@ -24,12 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from vllm_dms.config import DMSConfig
+from vllm_dms.quality_vllm import (TOP_K, VllmScores, kl_topk, score_vllm, summarize, topk_of,
+                                   window_stats)
 from vllm_dms.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin, _zero_lane,
                                 fp8_roundtrip, lane_decisions, project_qkv, reference_forward)
 
 EVAL_TEXT = "alice29.txt"
 ROW_KEYS = ("model", "path", "cr_target", "measured_compression", "kld_vs_noevict", "token_match",
             "tokens_scored", "ppl", "ppl_base", "commit", "date")
+DMS_FP8_KEYS = ("kld_vs_reference_evict", "kld_support")  # top-level only in dms_fp8 rows
 
 
 # ------------------------------------------------------------------ data
@@ -168,11 +178,49 @@ def generation_agreement(model, dms: DMSConfig, prompts: list[torch.Tensor], ste
 
 
 # ------------------------------------------------------------------ the vLLM path (GPU)
-def score_vllm(model_dir: str, windows: torch.Tensor) -> torch.Tensor:
-    """Hook for the dms_fp8 path: per-token log-probabilities [n, T-1] of each window's actual
-    next tokens from vLLM (`--kv-cache-dtype dms_fp8`, prompt_logprobs). Not implemented here:
-    it needs vLLM's CUDA platform, which this CPU machine cannot run or test."""
-    raise NotImplementedError("score_vllm runs on a GPU with vLLM; see the docstring contract")
+def _add(tot: dict, part: dict) -> None:
+    for k, v in part.items():
+        tot[k] = tot.get(k, 0) + v
+
+
+@torch.no_grad()
+def score_dms_fp8(model, dms: DMSConfig, windows: torch.Tensor, vs: VllmScores,
+                  top_k: int = TOP_K) -> dict:
+    """vLLM's dms_fp8 logprobs (vs, from score_vllm on these windows) against the exact
+    reference: no-evict and evict runs, without FP8 K/V (a prefill attends its bf16 K/V)."""
+    tot, ref, live = {}, {}, []
+    for ids, wl in zip(windows, vs.windows):
+        ev = reference_forward(model, dms, ids, evict=True)
+        ne = reference_forward(model, dms, ids, evict=False)
+        _add(tot, window_stats(wl, ne.logits, ev.logits))
+        # the reference's own KLD, full and through the same top-k lens: the lens's bias
+        full = logit_stats(ev.logits, ne.logits, ids)
+        lens = float(kl_topk(ne.logits[:-1], *topk_of(ev.logits[:-1], top_k)).sum())
+        _add(ref, dict(kld=full["kld"], kld_topk=lens, match=full["match"], nll=full["nll"],
+                       nll_ne=full["nll_ref"]))
+        live.append(ev.live[:, -1].cpu())
+    scores = summarize(tot, top_k)
+    n, ref_live = tot["n"], torch.stack(live)
+    scores.update(reference_kld_vs_noevict=ref["kld"] / n,
+                  reference_kld_vs_noevict_topk=ref["kld_topk"] / n,
+                  reference_token_match=ref["match"] / n, reference_ppl=_nan_exp(ref["nll"] / n),
+                  ppl_noevict=_nan_exp(ref["nll_ne"] / n),
+                  reference_compression=compression(ref_live, windows.shape[1])[0])
+    scores.update(_compression_fields(vs, ref_live, windows.shape[1]))
+    return scores
+
+
+def _compression_fields(vs: VllmScores, ref_live: torch.Tensor, T: int) -> dict:
+    """measured_compression from the engine's arena if it was read, else the reference's."""
+    if vs.live is None:
+        comp, per_layer = compression(ref_live, T)
+        return dict(measured_compression=comp, compression_per_layer=per_layer,
+                    measured_compression_source="reference_evict (same windows); "
+                    + vs.live_note)
+    comp, per_layer = compression(vs.live, T)
+    return dict(measured_compression=comp, compression_per_layer=per_layer,
+                measured_compression_source="engine_arena",
+                engine_live_match=float((vs.live == ref_live).float().mean()))
 
 
 # ------------------------------------------------------------------ rows and the CLI
@@ -186,11 +234,14 @@ def git_commit() -> str:
 
 def make_row(model_name: str, path: str, dms: DMSConfig, scores: dict, ppl_base_value: float,
              date: str, extra: dict) -> dict:
+    """ROW_KEYS (plus DMS_FP8_KEYS for a dms_fp8 row), the rest of scores and extra in details."""
     row = dict(model=model_name, path=path, cr_target=dms.target_cr,
                measured_compression=scores["measured_compression"],
                kld_vs_noevict=scores["kld_vs_noevict"], token_match=scores["token_match"],
                tokens_scored=scores["tokens_scored"], ppl=scores["ppl"], ppl_base=ppl_base_value,
                commit=git_commit(), date=date)
+    if path == "dms_fp8":
+        row.update((k, scores[k]) for k in DMS_FP8_KEYS)
     details = {k: v for k, v in scores.items() if k not in row}
     details.update(extra)
     row["details"] = details
@@ -216,31 +267,42 @@ def _load(model_dir: str, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 
 
-def evaluate(model_dir: str, *, base_dir: str, name: str, windows: int = 4,
-             window_len: int = 1024, gen_prompts: int = 4, gen_tokens: int = 64,
+def evaluate(model_dir: str, *, base_dir: str, name: str, path: str = "reference",
+             windows: int = 4, window_len: int = 1024, gen_prompts: int = 4, gen_tokens: int = 64,
              gen_prompt_len: int = 128, device: str = "cpu", kv_fp8: bool = False,
-             date: str | None = None) -> dict:
-    """One `reference` row for model_dir (a DMS checkpoint); base_dir gives ppl_base."""
+             top_k: int = TOP_K, engine_kw: dict | None = None, date: str | None = None) -> dict:
+    """One row of `path` ("reference" or "dms_fp8") for model_dir (a DMS checkpoint); base_dir
+    gives ppl_base. dms_fp8 needs a GPU (vLLM); its reference runs on `device`."""
     from transformers import AutoTokenizer
+    if path == "dms_fp8" and kv_fp8:
+        raise ValueError("kv_fp8 with path dms_fp8: the engine's prefill attends bf16 K/V, so "
+                         "the reference it is compared with has no FP8 round trip")
     t0 = time.time()
     dms = DMSConfig.from_checkpoint(model_dir)
     tokens = eval_tokens(AutoTokenizer.from_pretrained(model_dir))
     wins = make_windows(tokens, windows, window_len)
+    vs = None
+    if path == "dms_fp8":  # engine first: it sizes itself from the GPU memory still free
+        vs = score_vllm(model_dir, wins, top_k=top_k, **(engine_kw or {}))
     base = _load(base_dir, device)
     pb = base_ppl(base, wins)
     del base
     model = _load(model_dir, device)
-    scores = score_reference(model, dms, wins, kv_fp8=kv_fp8)
     extra = dict(window=dms.window, decision_shift=dms.decision_shift, eval_text=EVAL_TEXT,
                  eval_windows=windows, eval_window_len=window_len, kv_fp8=kv_fp8,
                  model_dir=model_dir, base_dir=base_dir, device=device)
-    if gen_prompts > 0 and gen_tokens > 0:
-        extra.update(generation_agreement(model, dms, make_prompts(tokens, gen_prompts,
-                                                                    gen_prompt_len), gen_tokens))
-        extra["gen_prompt_len"] = gen_prompt_len
+    if vs is None:
+        scores = score_reference(model, dms, wins, kv_fp8=kv_fp8)
+        if gen_prompts > 0 and gen_tokens > 0:
+            prompts = make_prompts(tokens, gen_prompts, gen_prompt_len)
+            extra.update(generation_agreement(model, dms, prompts, gen_tokens))
+            extra["gen_prompt_len"] = gen_prompt_len
+    else:
+        scores = score_dms_fp8(model, dms, wins, vs, top_k)
+        extra.update(top_k=top_k, engine=vs.engine)
     extra["wall_s"] = round(time.time() - t0, 1)
     date = date or datetime.date.today().isoformat()
-    return make_row(name, "reference", dms, scores, pb, date, extra)
+    return make_row(name, path, dms, scores, pb, date, extra)
 
 
 def main_eval(argv: list[str] | None = None) -> int:
@@ -257,20 +319,27 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-prompts", type=int, default=4)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-prompt-len", type=int, default=128)
-    p.add_argument("--kv-fp8", action="store_true", help="round-trip K/V through e4m3")
+    p.add_argument("--kv-fp8", action="store_true", help="round-trip K/V through e4m3 "
+                   "(reference path only)")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="dms_fp8: prompt_logprobs per "
+                   "position, the KLD's support (top-k + tail)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="dms_fp8 engine")
+    p.add_argument("--enforce-eager", action="store_true", help="dms_fp8 engine: no CUDA graphs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/...)")
     a = p.parse_args(argv)
-    if a.path == "dms_fp8":
-        raise SystemExit("vllm-dms eval --path dms_fp8: score_vllm is not implemented yet "
-                         "(run on a GPU host with vLLM)")
+    if a.path == "dms_fp8" and a.kv_fp8:
+        p.error("--kv-fp8 is for --path reference (the engine's prefill attends bf16 K/V)")
     model_dir, name = resolve_model(a.model_dir, a.name)
     from vllm_dms.checkpoints import smollm2_base
     base_dir = a.base_dir or smollm2_base()
     date = datetime.date.today().isoformat()
-    row = evaluate(model_dir, base_dir=base_dir, name=name, windows=a.windows,
+    engine_kw = dict(gpu_memory_utilization=a.gpu_memory_utilization,
+                     enforce_eager=a.enforce_eager)
+    row = evaluate(model_dir, base_dir=base_dir, name=name, path=a.path, windows=a.windows,
                    window_len=a.window_len, gen_prompts=a.gen_prompts, gen_tokens=a.gen_tokens,
-                   gen_prompt_len=a.gen_prompt_len, device=a.device, kv_fp8=a.kv_fp8, date=date)
+                   gen_prompt_len=a.gen_prompt_len, device=a.device, kv_fp8=a.kv_fp8,
+                   top_k=a.top_k, engine_kw=engine_kw, date=date)
     out = a.out or os.path.join("benchmarks", "results", f"quality-{a.tag}-{date}.json")
     merge_rows(out, [row])
     print(json.dumps(row, indent=2))

@@ -2,7 +2,8 @@
 
 * ``arena_state`` / ``arena_init``: named views of one layer tensor, and its one-time reset.
 * ``dms_release``: give every sub-page of some rows back to the free stack (pushes only).
-* ``dms_prefill_pack``: write a first prefill chunk's DMS survivors densely into empty rows (pops).
+* ``dms_prefill_pack`` (``vllm_dms.kernels.pack``, re-exported): a first prefill chunk's DMS
+  survivors, densely into empty rows (pops).
 * ``dms_decode_store``: one exact DMS decode step per row: flag, evict-by-reuse or append (pops).
 
 Optional ``live`` (int32 [S1], shared by all layers): each launch keeps it equal to the sum of
@@ -251,113 +252,6 @@ def dms_release(kv_layer: torch.Tensor, layout: ArenaLayout, slots: torch.Tensor
         layout.max_pages_per_row, BLOCK_PG=64, HAS_LIVE=live is not None, num_warps=1)
 
 
-# ---------------------------------------------------------------------------- prefill pack
-@triton.jit
-def _pack_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
-                 k_ptr, v_ptr, flags, cu, slots, layer_pages, live, overflow,
-                 skt, skh, svt, svh, sft, sfh, H, W, MAXP, NPROG,
-                 P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PG: tl.constexpr,
-                 HAS_LIVE: tl.constexpr):
-    free_top = arena + o_top
-    free_stack = arena + o_stack
-    row_len = arena + o_len
-    row_npages = arena + o_npg
-    ring = arena + o_ring
-    row_pages = arena + o_pages
-    data = arena.to(tl.pointer_type(tl.uint8))
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slots + b)
-    start = tl.load(cu + b)
-    n = tl.load(cu + b + 1) - start
-    if slot > 0:
-        tt = tl.arange(0, BLOCK_T)
-        # pass 1: how many keys survive the last query of the chunk
-        n_keep = tl.full((), 0, tl.int32)
-        for t0 in range(0, n, BLOCK_T):
-            tk = t0 + tt
-            valid = tk < n
-            f = tl.load(flags + (start + tk).to(tl.int64) * sft + h * sfh, mask=valid, other=0)
-            keep = valid & ((n - 1 - tk <= W) | (f == 0))
-            n_keep += tl.sum(keep.to(tl.int32), 0)
-        npg = (n_keep + P - 1) // P
-        old = tl.full((), 0, tl.int32)
-        ok = npg <= MAXP
-        if ok:
-            old, ok = _pop(free_top, npg)
-        if ok == 0:  # the row stays empty
-            tl.store(overflow, 1)
-        else:
-            base_sp = old - npg
-            rh = slot * H + h
-            pp = tl.arange(0, BLOCK_PG)
-            for p0 in range(0, npg, BLOCK_PG):
-                pm = p0 + pp < npg
-                ids = tl.load(free_stack + base_sp + p0 + pp, mask=pm)
-                tl.store(row_pages + rh * MAXP + p0 + pp, ids, mask=pm)
-            dd = tl.arange(0, BLOCK_D)
-            dm = dd < D
-            W1 = W + 1
-            # pass 2: scatter survivors densely, in position order (exclusive prefix sum)
-            rcount = tl.full((), 0, tl.int32)
-            for t0 in range(0, n, BLOCK_T):
-                tk = t0 + tt
-                valid = tk < n
-                tok = (start + tk).to(tl.int64)
-                f = tl.load(flags + tok * sft + h * sfh, mask=valid, other=0)
-                in_win = valid & (n - 1 - tk <= W)
-                keep = in_win | (valid & (f == 0))
-                ki = keep.to(tl.int32)
-                r = rcount + tl.cumsum(ki, 0) - ki
-                # page ids straight from the popped range (row_pages writes may not be visible)
-                page = tl.load(free_stack + base_sp + r // P, mask=keep, other=0)
-                off = r % P
-                m2 = keep[:, None] & dm[None, :]
-                _write_kv(data, dd[None, :] * ELEM, page[:, None], off[:, None],
-                          k_ptr + tok[:, None] * skt + h * skh + dd[None, :],
-                          v_ptr + tok[:, None] * svt + h * svh + dd[None, :], m2, P, D, ELEM)
-                meta = tl.where(f != 0, tk | FLAG_BIT, tk)
-                tl.store(_meta_ptr(data, page, off, P, D, ELEM), meta, mask=keep)
-                tl.store(ring + rh * W1 + tk % W1, r, mask=in_win)
-                rcount += tl.sum(ki, 0)
-            tl.store(row_len + rh, n_keep)
-            tl.store(row_npages + rh, npg)
-            tl.atomic_add(layer_pages + slot, npg)
-            if HAS_LIVE:
-                tl.atomic_add(live + slot, n_keep)
-    _settle(free_top, NPROG)
-
-
-def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tensor,
-                     v: torch.Tensor, flags: torch.Tensor, cu_seqlens: torch.Tensor,
-                     slots: torch.Tensor, layer_pages: torch.Tensor,
-                     overflow: torch.Tensor, live: torch.Tensor | None = None) -> None:
-    """Pack the DMS survivors of each request's first chunk into its (empty) rows.
-
-    k, v [T, H, D] bf16 (last dim contiguous); flags [T, H] bool, already shifted (the flag each
-    key owns); cu_seqlens int32 [B+1]; slots int32 [B] (<=0: skip); layer_pages int32 [S1];
-    overflow int32 [1] (set to 1 when the free stack cannot serve a row; that row stays empty);
-    live int32 [S1] (optional): each packed row adds its survivor count.
-    """
-    dev, H, D, T = kv_layer.device, layout.num_kv_heads, layout.head_dim, k.shape[0]
-    words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
-                                          live, T)
-    _check(flags, "flags", torch.bool, (T, H), dev)
-    _check(cu_seqlens, "cu_seqlens", torch.int32, (B + 1,), dev)
-    if B == 0:
-        return
-    fl = flags.view(torch.uint8)
-    _pack_kernel[(B, H)](
-        words, *state_word_offsets(layout), k, v, fl, cu_seqlens, slots, layer_pages, live_arg,
-        overflow,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), fl.stride(0), fl.stride(1),
-        H, layout.window, layout.max_pages_per_row, B * H,
-        P=layout.block_size, D=D, ELEM=layout.elem_bytes,
-        BLOCK_T=64 if kv_layer.is_cuda else 16, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_PG=64, HAS_LIVE=live is not None, num_warps=4)
-
-
 # ---------------------------------------------------------------------------- decode store
 @triton.jit
 def _decode_store_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages,
@@ -544,3 +438,10 @@ def check_store_args(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     _check(layer_pages, "layer_pages", torch.int32, (layout.num_slots,), dev)
     _check(overflow, "overflow", torch.int32, (1,), dev)
     return words, B, _live_arg(live, layout, layer_pages)
+
+
+def dms_prefill_pack(*args, **kwargs) -> None:
+    """``vllm_dms.kernels.pack.dms_prefill_pack`` (it needs the prefill survivor index, so it
+    lives there; imported lazily: that module imports this one)."""
+    from vllm_dms.kernels.pack import dms_prefill_pack as pack
+    pack(*args, **kwargs)

@@ -124,10 +124,12 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, out_ptr,
 
 def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
                           cu_seqlens: torch.Tensor, max_seqlen: int, window: int, scale: float,
-                          out: torch.Tensor, carrier: bool = False) -> None:
+                          out: torch.Tensor, carrier: bool = False,
+                          index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """DMS-masked causal attention of each request over its own tokens; writes ``out``.
 
     carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions; read as 0.
+    index: survivor_index(flags), when the caller already has it (the pack uses it too).
     q [T, Hq, D], k/v [T, H, D], out [T, Hq, D]: bf16, last dim contiguous (token/head strides
     free). flags [T, H] bool (shifted: the flag each key owns). cu_seqlens int32 [B+1];
     max_seqlen >= every request length (host int, sizes the grid).
@@ -155,7 +157,7 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
     block_r = max(block_r, triton.next_power_of_2(G))
     tm = block_r // G
     fl = flags.view(torch.uint8)
-    surv, cum = survivor_index(flags)
+    surv, cum = survivor_index(flags) if index is None else index
     grid = (triton.cdiv(max_seqlen, tm), B, H)
     _prefill_attn_kernel[grid](
         q, k, v, fl, surv, cum, T, cu_seqlens, out,
