@@ -34,7 +34,8 @@ SCENARIOS = {
                          async_scheduling=False, attention_backend="CUSTOM",
                          max_num_batched_tokens=4096, **DMS),
     "prefix_caching": dict(model=NV, enable_prefix_caching=True, **DMS),
-    "chunked_prefill": dict(model=NV, enable_chunked_prefill=True, **DMS),
+    "chunked_prefill": dict(model=NV, enable_chunked_prefill=True, max_num_batched_tokens=512,
+                            **DMS),
     "async": dict(model=NV, async_scheduling=True, **DMS),
     "tp2": dict(model=NV, tensor_parallel_size=2, **DMS),
     "pp2": dict(model=NV, pipeline_parallel_size=2, **DMS),
@@ -185,6 +186,12 @@ def test_token_budget_raised_to_max_model_len_when_default(runs):
     assert c["max_model_len"] == 32768 and c["mnbt"] >= 32768
 
 
+def test_explicit_chunked_prefill_is_accepted_with_a_small_budget(runs):
+    c = ok(runs[0]["chunked_prefill"])  # opt-in: the continuation-chunk kernels take over
+    assert c["chunked"] is True and c["mnbt"] == 512 < c["max_model_len"]
+    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS") and c["prefix"] is False
+
+
 def test_explicitly_off_is_accepted(runs):
     c = ok(runs[0]["explicit_off"])
     assert c["prefix"] is False and c["chunked"] is False and c["mnbt"] == 4096
@@ -192,7 +199,6 @@ def test_explicitly_off_is_accepted(runs):
 
 @pytest.mark.parametrize("name, flag", [
     ("prefix_caching", "--enable-prefix-caching"),
-    ("chunked_prefill", "--enable-chunked-prefill"),
     ("tp2", "--tensor-parallel-size"),
     ("pp2", "--pipeline-parallel-size"),
     ("dp2", "--data-parallel-size"),

@@ -84,7 +84,7 @@ def apply() -> None:
         if self.kv_cache_dtype == DMS_DTYPE:
             _prepare_dms(self)
             vllm_config = original(self, usage_context, headless)
-            _finish_dms(vllm_config)
+            _finish_dms(vllm_config, chunked=self.enable_chunked_prefill is True)
             return vllm_config
         _route_no_evict(self)
         return original(self, usage_context, headless)
@@ -118,10 +118,11 @@ def _prepare_dms(args: Any) -> DMSConfig:
         args.enable_prefix_caching = False
         switched_off.append("prefix caching")
     if args.enable_chunked_prefill is None:
-        # With chunked prefill off and max_num_batched_tokens unset, vLLM raises the token
-        # budget to >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
+        # Opt-in until its engine run on a GPU (its kernels and impl path pass CPU tests). With
+        # it off and max_num_batched_tokens unset, vLLM raises the token budget to
+        # >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
         args.enable_chunked_prefill = False
-        switched_off.append("chunked prefill")
+        switched_off.append("chunked prefill (--enable-chunked-prefill turns it on)")
     # async scheduling: left to vLLM (on by default); _finish_dms picks the matching scheduler
     if args.block_size is None:
         args.block_size = DMS_BLOCK_SIZE  # slots per arena sub-page: one decode tile
@@ -146,9 +147,6 @@ def _reject_unsupported(args: Any) -> None:
 
     if args.enable_prefix_caching:
         reject("--enable-prefix-caching", "prefix caching (compact pages are request-private)")
-    if args.enable_chunked_prefill:
-        reject("--enable-chunked-prefill", "chunked prefill (a prompt must be prefilled in "
-               "one step)")
     if args.enable_sleep_mode:
         reject("--enable-sleep-mode", "sleep mode (waking re-maps the KV memory that holds the "
                "DMS arena state without re-initialising it)")
@@ -166,25 +164,29 @@ def _reject_unsupported(args: Any) -> None:
                                                                      ASYNC_SCHEDULER_PATH):
         reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH} "
                f"or, with async scheduling, {ASYNC_SCHEDULER_PATH})")
-    if (args.max_num_batched_tokens is not None and args.max_model_len is not None
+    if (not args.enable_chunked_prefill and args.max_num_batched_tokens is not None
+            and args.max_model_len is not None
             and args.max_num_batched_tokens < args.max_model_len):
         reject("--max-num-batched-tokens",
                f"max_num_batched_tokens={args.max_num_batched_tokens} < max_model_len="
-               f"{args.max_model_len} (chunked prefill is off, so a prompt must fit one step)")
+               f"{args.max_model_len} without --enable-chunked-prefill (a prompt must fit one "
+               f"step)")
 
 
-def _finish_dms(vllm_config: Any) -> None:
-    """Verify nothing downstream re-enabled a feature, then install the DMS scheduler."""
+def _finish_dms(vllm_config: Any, chunked: bool = False) -> None:
+    """Verify nothing downstream re-enabled a feature, then install the DMS scheduler.
+
+    chunked: the user asked for chunked prefill (--enable-chunked-prefill)."""
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     backend = vllm_config.attention_config.backend
-    if cc.enable_prefix_caching or sc.enable_chunked_prefill:
+    if cc.enable_prefix_caching or (sc.enable_chunked_prefill and not chunked):
         raise DMSConfigError(
             f"vLLM re-enabled a feature DMS cannot serve: enable_prefix_caching="
             f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}")
     if backend is None or backend.name != _CUSTOM:
         raise DMSConfigError(f"attention backend resolved to {backend}, DMS needs {_CUSTOM}")
     max_len = vllm_config.model_config.max_model_len
-    if sc.max_num_batched_tokens < max_len:
+    if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < max_len:
         raise DMSConfigError(
             f"--max-num-batched-tokens: max_num_batched_tokens={sc.max_num_batched_tokens} < "
             f"max_model_len={max_len} (chunked prefill is off with {DMS_DTYPE})")
