@@ -6,7 +6,8 @@ Prefill: one 8K-token prompt, flags drawn at the cr=8 eviction rate, ``dms_prefi
 vs ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` (flash backend) on the same
 bf16 q/k/v. Decode: c rows of 8K tokens compacted at cr=8 in the FP8 arena,
 ``dms_decode_store`` + ``dms_decode_attention`` vs SDPA over the dense bf16 8K keys.
-Median of CUDA-event timings after warm-up, per layer.
+Median of CUDA-event timings after warm-up, per layer; `*_graph_us` replays 20 calls from
+one CUDA graph (no host launch overhead in the figure; plain timings include it).
 """
 from __future__ import annotations
 
@@ -55,15 +56,34 @@ def prefill_row(name, H, G, D, W, T=8192, evict=0.875):  # noqa: N803
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
+    pack_us, release_us = pack_timings(k, v, flags, H, D, W, T)
     return dict(kernel="prefill_attention", shape=name, T=T, W=W, evict=evict,
-                dms_us=dms, sdpa_causal_us=sdpa, dms_x_sdpa=sdpa / dms)
+                dms_us=dms, sdpa_causal_us=sdpa, dms_x_sdpa=sdpa / dms,
+                pack_plus_release_us=pack_us, release_us=release_us)
 
 
-def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
+def pack_timings(k, v, flags, H, D, W, T):
+    """The survivor pack of one prompt (timed with the release that makes it repeatable)."""
+    from vllm_dms.kernels.arena_ops import dms_release
+    from vllm_dms.kernels.pack import dms_prefill_pack
+    lay, kv = arena_for(H, D, W, T, c=1)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    lp, ov = torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32)
+    slots, cu = torch.ones(1, **i32), torch.tensor([0, T], **i32)
+
+    def pack_release():
+        dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov)
+        dms_release(kv, lay, slots, lp)
+    both = timed(pack_release)
+    dms_prefill_pack(kv, lay, k, v, flags, cu, slots, lp, ov)
+    rel = timed(lambda: (dms_release(kv, lay, slots, lp)))
+    assert int(ov[0]) == 0
+    return both, rel
+
+
+def arena_for(H, D, W, T, c):
     from vllm_dms.arena import ArenaLayout, cdiv
-    from vllm_dms.kernels.arena_ops import arena_init, dms_decode_store, dms_prefill_pack
-    from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
-    from vllm_dms.runtime import DECODE_SPLITS
+    from vllm_dms.kernels.arena_ops import arena_init
     lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=64, window=W,
                       max_num_seqs=c, max_model_len=T + 64, num_blocks=1)
     for _ in range(2):  # the state region grows with num_blocks: settle
@@ -71,6 +91,28 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
                              "num_blocks": lay.first_data_block + 2 * c * cdiv(T + 64, 64)})
     kv = torch.zeros(lay.num_blocks * lay.page_bytes, dtype=torch.uint8, device=DEV)
     arena_init(kv, lay)
+    return lay, kv
+
+
+def graph_timed(fn, reps: int = 20) -> float:
+    """GPU time of fn replayed from a CUDA graph (no host launch overhead), per call."""
+    if DEV == "cpu":
+        fn()
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return timed(g.replay, reps=5) / reps
+
+
+def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
+    from vllm_dms.kernels.arena_ops import dms_decode_store, dms_prefill_pack
+    from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
+    from vllm_dms.runtime import DECODE_SPLITS
+    lay, kv = arena_for(H, D, W, T, c)
     g = torch.Generator(device=DEV).manual_seed(1)
     i32 = dict(dtype=torch.int32, device=DEV)
     lp, ov, live = (torch.zeros(n, **i32) for n in (lay.num_slots, 1, lay.num_slots))
@@ -89,6 +131,8 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     lanes = q[:, ::G, D - 1]
     attn = timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out, ws.acc, ws.m,
                                               ws.l, carrier=True))
+    attn_graph = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
+                                                          ws.acc, ws.m, ws.l, carrier=True))
     # the store is not idempotent (it appends): time it on a copy of the state each rep
     saved = kv.clone()
 
@@ -100,9 +144,13 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     kd = torch.randn(c, H, T, D, device=DEV, generator=g).to(torch.bfloat16)
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q.unsqueeze(2), kd, kd, scale=D ** -0.5, enable_gqa=True))
+    kv_bytes = int(live[1:c + 1].sum()) * (2 * D + 4)  # K, V FP8 + meta per live entry
     live_mean = float(live[1:c + 1].float().mean()) / H
     return dict(kernel="decode", shape=name, c=c, T=T, W=W, evict=evict,
                 live_tokens_per_row=live_mean, attention_us=attn, store_us=store_us,
+                attention_graph_us=attn_graph,
+                attention_graph_gb_s=kv_bytes / attn_graph / 1e3 if attn_graph == attn_graph
+                else float("nan"),
                 sdpa_dense_bf16_us=sdpa, dms_x_sdpa=sdpa / (attn + store_us))
 
 

@@ -284,6 +284,7 @@ def evaluate(model_dir: str, *, base_dir: str, name: str, path: str = "reference
     vs = None
     if path == "dms_fp8":  # engine first: it sizes itself from the GPU memory still free
         vs = score_vllm(model_dir, wins, top_k=top_k, **(engine_kw or {}))
+        torch.set_float32_matmul_precision("highest")  # an in-process worker may have set TF32
     base = _load(base_dir, device)
     pb = base_ppl(base, wins)
     del base

@@ -5,10 +5,13 @@
 position t >= 1, a dict token id -> Logprob holding its top_k tokens and the actual token t. So
 only the top_k of vLLM's distribution is known, and every KLD here is computed on a coarser
 support: vLLM's top_k ids at that position plus one "tail" bucket holding the rest of each side's
-mass (``KLD_SUPPORT``). Merging outcomes never increases a KL divergence, so this is a lower bound
-of the full-vocabulary KLD, and equal to it when the tails agree in shape.
+mass (row field kld_support, e.g. "top20+tail"). Merging outcomes never increases a KL divergence,
+so this is a lower bound of the full-vocabulary KLD, equal to it when the tails agree in shape and
+possibly well below it otherwise: dms_fp8 rows also carry the reference's own evict-vs-no-evict
+KLD both ways (details reference_kld_vs_noevict and reference_kld_vs_noevict_topk).
 
-Everything but ``score_vllm`` is pure torch and runs on CPU; vLLM is imported inside it only.
+Everything but ``score_vllm`` / ``arena_live`` is pure torch and runs on CPU; vLLM is imported
+inside score_vllm only.
 """
 from __future__ import annotations
 
