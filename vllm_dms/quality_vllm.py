@@ -142,9 +142,9 @@ def engine_args(window_len: int, top_k: int = TOP_K, **engine_kw) -> dict:
     return kw
 
 
-def arena_live(llm) -> torch.Tensor:
-    """[L, H] live keys of the request the engine released last (in-process engine only: the
-    arena row is intact until the next step drains the release list)."""
+def arena_live(llm, n_tokens: int) -> torch.Tensor:
+    """[L, H] live keys of the request the engine released last, n_tokens long (in-process
+    engine only: the arena row is intact until the next step drains the release list)."""
     from vllm_dms.channel import CHANNEL
     from vllm_dms.kernels.arena_ops import arena_state
     from vllm_dms.runtime import get_runtime
@@ -157,8 +157,13 @@ def arena_live(llm) -> torch.Tensor:
     ctx = runner.vllm_config.compilation_config.static_forward_context
     by_index = sorted(rt.layer_index, key=rt.layer_index.get)
     slot = CHANNEL.release[-1]
-    return torch.stack([arena_state(ctx[n].kv_cache.view(-1), rt.layout).row_len[slot].cpu()
+    live = torch.stack([arena_state(ctx[n].kv_cache.view(-1), rt.layout).row_len[slot].cpu()
                         for n in by_index])
+    # the newest key is always live: a count outside [1, n] means the row was already drained
+    if int(live.min()) < 1 or int(live.max()) > n_tokens:
+        raise RuntimeError(f"arena row of slot {slot} holds {int(live.min())}..{int(live.max())} "
+                           f"live keys for {n_tokens} tokens: released or reused already")
+    return live
 
 
 def score_vllm(model_dir: str, windows: torch.Tensor, *, top_k: int = TOP_K,
@@ -177,7 +182,7 @@ def score_vllm(model_dir: str, windows: torch.Tensor, *, top_k: int = TOP_K,
         out.append(window_logprobs(res, ids, top_k))
         if not note:
             try:
-                live.append(arena_live(llm))
+                live.append(arena_live(llm, ids.numel()))
             except Exception as e:  # a diagnostic: losing it must not lose the KLD rows
                 note = f"engine live counts unavailable: {type(e).__name__}: {e}"
     del llm
