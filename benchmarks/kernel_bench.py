@@ -133,6 +133,11 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
                                               ws.l, carrier=True))
     attn_graph = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
                                                           ws.acc, ws.m, ws.l, carrier=True))
+    sweep = {}  # split-K programs per (request, kv head): the runtime uses DECODE_SPLITS
+    for ns in (2, 4, 8, 16, 32):
+        w = decode_workspace(c, Hq, D, ns, DEV)
+        sweep[ns] = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
+                                                             w.acc, w.m, w.l, carrier=True))
     # the store is not idempotent (it appends): time it on a copy of the state each rep
     saved = kv.clone()
 
@@ -148,7 +153,8 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     live_mean = float(live[1:c + 1].float().mean()) / H
     return dict(kernel="decode", shape=name, c=c, T=T, W=W, evict=evict,
                 live_tokens_per_row=live_mean, attention_us=attn, store_us=store_us,
-                attention_graph_us=attn_graph,
+                attention_graph_us=attn_graph, splits=DECODE_SPLITS,
+                attention_graph_us_by_splits=sweep,
                 attention_graph_gb_s=kv_bytes / attn_graph / 1e3 if attn_graph == attn_graph
                 else float("nan"),
                 sdpa_dense_bf16_us=sdpa, dms_x_sdpa=sdpa / (attn + store_us))
