@@ -58,6 +58,8 @@ def worker(a) -> None:
               enable_prefix_caching=False, seed=0, enforce_eager=a.engine.endswith("-eager"),
               async_scheduling=False if a.engine.endswith("-sync") else None, **extra)
     is_async = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    runner = type(runner.model_runner).__module__  # vllm.v1.worker.gpu.model_runner: MRv2
     all_prompts = prompts_for(a.model, a.ctx, maxc * 3)
 
     last_bytes = {}
@@ -86,7 +88,7 @@ def worker(a) -> None:
                    cuda_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    kv_bytes_per_seq=(per_tok * (2 if kv == "auto" else 1) * (a.ctx + a.gen)
                                      if kv != "dms_fp8" else last_bytes[c]),
-                   async_scheduling=is_async)
+                   async_scheduling=is_async, model_runner=runner)
         if c == a.profile_c:
             row["decode_profile"] = decode_profile(lambda gen: run(c, gen, 1), row)
         print("ROW " + json.dumps(row), flush=True)

@@ -73,9 +73,12 @@ def max_logprob_diff(vllm_logprobs, ref_logits, upto: int) -> float:
     return worst
 
 
+def engine_runner(llm):
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
 def engine_model(llm):
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    m = runner.get_model()
+    m = engine_runner(llm).get_model()
     return m.unwrap() if hasattr(m, "unwrap") else m
 
 
@@ -158,7 +161,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
                 mechanics_max_abs_logprob_diff=rows["m_lp_diff"],
                 mechanics_note="reference given the engine's decisions (from the arena), "
                                "teacher-forced on the engine's tokens, all steps",
-                weights=weights,
+                weights=weights, model_runner=type(engine_runner(llm)).__module__,
                 kv_bytes_per_seq_dms=sum(p["kv_bytes_dms"] for p in per_prompt) // len(per_prompt),
                 kv_bytes_per_seq_bf16=sum(p["kv_bytes_bf16"] for p in per_prompt) // len(per_prompt),
                 per_prompt=per_prompt, cuda_graphs=not eager)

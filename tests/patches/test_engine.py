@@ -85,7 +85,9 @@ def summary(c):
         backend=str(c.attention_config.backend), prefix=c.cache_config.enable_prefix_caching,
         chunked=c.scheduler_config.enable_chunked_prefill,
         async_=c.scheduler_config.async_scheduling, sched_cls=c.scheduler_config.scheduler_cls,
-        mnbt=c.scheduler_config.max_num_batched_tokens, dtype=c.cache_config.cache_dtype)
+        mnbt=c.scheduler_config.max_num_batched_tokens, dtype=c.cache_config.cache_dtype,
+        v2_model=c._is_default_v2_model_runner_model(),
+        v2_unsupported=c._get_v2_model_runner_unsupported_features())
 
 def attempt(make):
     Grab.records.clear()
@@ -170,6 +172,14 @@ def test_dms_fp8_config(runs):
                                   else "vllm_dms.scheduler.DMSScheduler")
         assert c["archs"] == [arch] and c["hf_archs"] == [arch]
         assert c["mnbt"] >= c["max_model_len"]
+
+
+def test_dms_fp8_keeps_vllms_default_model_runner(runs):
+    """vLLM 0.26 picks Model Runner V2 for dense (non-MoE) models when Triton is present (a GPU
+    host): the DMS config must not turn that off, so MRv2 is what runs DMS on the H200."""
+    for name in ("nvidia", "fastdms"):
+        c = ok(runs[0][name])
+        assert c["v2_model"] is True and c["v2_unsupported"] == [], c
 
 
 def test_one_log_line_names_what_was_switched_off(runs):
