@@ -177,6 +177,11 @@ def save(a, rows) -> None:
     json.dump(rows, open(stem + ".json", "w"), indent=1)
     open(stem + ".md", "w").write(markdown(rows, meta))
     print(open(stem + ".md").read(), flush=True)
+    try:
+        from plot_speed import plot  # benchmarks/ is on sys.path (this script's folder)
+        plot(stem + ".json")
+    except ImportError:
+        print("matplotlib missing: no PNG (python benchmarks/plot_speed.py FILE later)")
 
 
 def markdown(rows, meta) -> str:

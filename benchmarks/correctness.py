@@ -107,6 +107,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     sp = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)
     rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0,
                 m_match=0, m_live_eq=0, m_lp_diff=0.0)
+    flagged, judged = torch.zeros(dms.num_layers), 0  # per-layer eviction on the prompts' text
     per_prompt = []
     for text in prompts:
         ids = tok(text)["input_ids"]
@@ -133,6 +134,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         rows["lp_diff"] = max(rows["lp_diff"],
                               max_logprob_diff(out.logprobs, ref.logits[P - 1:], first_div))
         # mechanics: the engine's own decisions injected, teacher-forced on its tokens
+        flagged += fl.float().sum(dim=(1, 2))
+        judged += fl.shape[1] * fl.shape[2]
         inj = injected_from_flags(fl, n_arena, dms.decision_shift)
         with torch.no_grad():
             ref_m = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
@@ -162,6 +165,9 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
                 mechanics_note="reference given the engine's decisions (from the arena), "
                                "teacher-forced on the engine's tokens, all steps",
                 weights=weights, model_runner=type(engine_runner(llm)).__module__,
+                eviction_rate_per_layer=[round(float(x), 4) for x in flagged / max(judged, 1)],
+                eviction_rate_note="fraction of keys older than the window that the engine "
+                                   "evicted (recovered from the arena), per layer",
                 kv_bytes_per_seq_dms=sum(p["kv_bytes_dms"] for p in per_prompt) // len(per_prompt),
                 kv_bytes_per_seq_bf16=sum(p["kv_bytes_bf16"] for p in per_prompt) // len(per_prompt),
                 per_prompt=per_prompt, cuda_graphs=not eager)
