@@ -83,7 +83,7 @@ def engine_model(llm):
 
 
 def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
-        weights: str = "engine") -> dict:
+        weights: str = "engine", chunk: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -98,7 +98,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     synthetic = "dms_synthetic" in json.load(open(os.path.join(model_dir, "config.json")))
     llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, max_num_seqs=8,
               gpu_memory_utilization=0.35, enforce_eager=eager, seed=0,
-              load_format="dummy" if synthetic else "auto")
+              load_format="dummy" if synthetic else "auto",
+              **(dict(enable_chunked_prefill=True, max_num_batched_tokens=chunk) if chunk else {}))
     if weights == "engine":
         from vllm_dms.reference_view import reference_view
         hf = reference_view(engine_model(llm), llm.llm_engine.vllm_config.model_config.hf_config)
@@ -165,6 +166,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
                 mechanics_note="reference given the engine's decisions (from the arena), "
                                "teacher-forced on the engine's tokens, all steps",
                 weights=weights, model_runner=type(engine_runner(llm)).__module__,
+                chunked_prefill_tokens=chunk or None,
                 eviction_rate_per_layer=[round(float(x), 4) for x in flagged / max(judged, 1)],
                 eviction_rate_note="fraction of keys older than the window that the engine "
                                    "evicted (recovered from the arena), per layer",
@@ -188,12 +190,15 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--graphs", action="store_true")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="--enable-chunked-prefill with this max_num_batched_tokens (0: off)")
     ap.add_argument("--weights", choices=["engine", "hf"], default="engine",
                     help="reference weights: the engine's own tensors, or the HF checkpoint")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     t0 = time.time()
-    row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs, weights=a.weights)
+    row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs, weights=a.weights,
+              chunk=a.chunk)
     row.update(commit=_commit(), date=datetime.date.today().isoformat(),
                device=torch.cuda.get_device_name(), vllm_version=_vllm_version(),
                wall_s=round(time.time() - t0, 1))

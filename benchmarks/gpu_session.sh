@@ -5,6 +5,9 @@
 #   setup     install the plugin (entry points); unpack .gpu/pack/ckpt.tar.xz (ckpts + texts)
 #   smollm2   build SmolLM2 HF + DMS fields (needs the GGUF staged)
 #   correct-llama / correct-qwen  vllm.LLM + dms_fp8 vs the exact reference (engine weights)
+#   correct-llama-v1              the same with VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner)
+#   correct-llama-chunked         the same with --enable-chunked-prefill, 256-token chunks
+#   quality-smollm2               vllm-dms eval through dms_fp8 (needs smollm2 first)
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
@@ -34,6 +37,17 @@ for stage in "$@"; do
       $T python3 benchmarks/correctness.py --model .gpu/ckpt/$m-dms-cr8 --name $m-synthetic-cr8 \
         --graphs --out $OUT/correctness-$m.json 2>&1 | grep -v "^INFO\|^WARNING\|^(EngineCore" \
         | tail -30 ;;
+    correct-llama-v1)
+      VLLM_USE_V2_MODEL_RUNNER=0 $T python3 benchmarks/correctness.py \
+        --model .gpu/ckpt/llama-3.2-1b-dms-cr8 --name llama-3.2-1b-synthetic-cr8-v1-runner \
+        --graphs --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
+    correct-llama-chunked)
+      $T python3 benchmarks/correctness.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
+        --name llama-3.2-1b-synthetic-cr8-chunked256 --graphs --chunk 256 \
+        --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
+    quality-smollm2)
+      $T python3 -m vllm_dms.cli eval smollm2-trained --path dms_fp8 --windows 4 \
+        --window-len 512 --tag smollm2-135m 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
