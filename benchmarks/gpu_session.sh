@@ -47,7 +47,7 @@ for stage in "$@"; do
         --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     quality-smollm2)
       $T python3 -m vllm_dms.cli eval smollm2-trained --path dms_fp8 --windows 4 \
-        --window-len 512 --tag smollm2-135m 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
+        --window-len 512 --tag smollm2-135m --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
