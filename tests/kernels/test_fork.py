@@ -100,3 +100,45 @@ def test_fork_compiles_sm90(compile_sm90):
                                                      HAS_LIVE=True)),
                   (mod, "_copy_kernel", ptr, dict(P=64, SLOT_B=260, KV_B=128, BLOCK_R=64,
                                                   BLOCK_B=128))])
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("L", [3, 17])
+def test_prefix_snapshot_fork_then_continue_equals_one_shot(kit, device, shift, L):
+    """The prefix-cache path at kernel level: the rows of a prefix of L tokens, forked into a
+    new slot and continued with the rest of the prompt as a chunk, equal one-shot prefill rows
+    of the whole prompt (positions, flags, K/V); the snapshot itself is left untouched."""
+    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    H, D, P, W, n = 2, 16, 4, 3, 30
+    g = torch.Generator().manual_seed(7 + L + shift)
+    lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
+    i32 = dict(dtype=torch.int32, device=device)
+    k = torch.randn(n, H, D, generator=g).to(torch.bfloat16).to(device)
+    v = torch.randn(n, H, D, generator=g).to(torch.bfloat16).to(device)
+    d = torch.rand(n, H, generator=g) < 0.6
+
+    def fresh(slot, m):  # one-shot prefill of the first m tokens into `slot` of a new arena
+        kv = kit.new_arena(lay, device)
+        lp, ov = torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32)
+        dms_prefill_pack(kv, lay, k[:m], v[:m], shifted_flags(d[:m], shift).to(device),
+                         torch.tensor([0, m], **i32), torch.tensor([slot], **i32), lp, ov)
+        return kv, lp, ov
+
+    kv, lp, ov = fresh(1, L)              # the snapshot (a cache slot)
+    dms_fork_rows(kv, lay, torch.tensor([1], **i32), torch.tensor([2], **i32), lp, ov)
+    n0, s2 = torch.tensor([L], **i32), torch.tensor([2], **i32)
+    if shift == 1:  # the decision at L flags token L-1, pending in the snapshot
+        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(device), n0, s2)
+    dms_chunk_pack(kv, lay, k[L:], v[L:], shifted_flags(d[L:], shift).to(device),
+                   torch.tensor([0, n - L], **i32), n0, s2, lp, ov)
+    assert int(ov[0]) == 0
+    one, _, _ = fresh(3, n)
+    snap, _, _ = fresh(1, L)
+    for h in range(H):
+        got, want = arena_read_row(kv, lay, 2, h), arena_read_row(one, lay, 3, h)
+        og, ow = got["pos"].argsort(), want["pos"].argsort()
+        for key in ("pos", "flag", "k", "v"):
+            assert torch.equal(got[key][og], want[key][ow]), (key, h)
+        src, ref = arena_read_row(kv, lay, 1, h), arena_read_row(snap, lay, 1, h)
+        for key in ("pos", "flag", "k", "v"):
+            assert torch.equal(src[key], ref[key]), ("snapshot changed", key, h)
