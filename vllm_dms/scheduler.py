@@ -54,6 +54,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_dms.arena import ArenaLayout
 from vllm_dms.channel import CHANNEL, TAG_GENERATIONS, encode_block_id
 from vllm_dms.config import DMSConfigError
+from vllm_dms.prefix_cache import Entry, PrefixStore
 from vllm_dms.spec import DMSCompactSpec
 from vllm_dms.validation import request_problem
 
@@ -79,8 +80,9 @@ def dms_spec_of(kv_cache_config: KVCacheConfig) -> DMSCompactSpec | None:
 class DMSKVCacheManager(KVCacheManager):
     """KVCacheManager whose blocks are a reservation ledger and whose block ids are slots."""
 
-    def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int, **kwargs: Any):
-        kwargs["enable_caching"] = False  # compact pages are request-private
+    def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int,
+                 enable_prefix_caching: bool = False, **kwargs: Any):
+        kwargs["enable_caching"] = False  # no block sharing: entries are whole rows (prefix_cache)
         super().__init__(kv_cache_config, **kwargs)
         spec = dms_spec_of(kv_cache_config)
         assert spec is not None, "DMSKVCacheManager needs a DMSCompactSpec KV cache config"
@@ -132,7 +134,11 @@ class DMSKVCacheManager(KVCacheManager):
         self._blocks_of: dict[str, KVCacheBlocks] = {}
         self._slot_of: dict[str, int] = {}
         self._held: dict[str, list[KVCacheBlock]] = {}
-        self.num_held = 0
+        self.num_held = 0  # blocks of running requests (cache entries hold theirs apart)
+        # --enable-prefix-caching: finished requests' rows, taken whole by a matching prompt.
+        self.cache = PrefixStore() if enable_prefix_caching else None
+        self._pending: dict[str, Entry] = {}        # get_computed_blocks' hit, until allocated
+        self._hint: dict[str, tuple[int, int]] = {}  # a taken entry's measurement, until ours
         # A new engine in this process takes the channel over: slots queued or measured by an
         # earlier engine refer to that engine's arena (and its max_num_seqs).
         CHANNEL.reset()
@@ -172,7 +178,8 @@ class DMSKVCacheManager(KVCacheManager):
         # A lagging row (async: one or two steps old) is fine: reservation_blocks adds the growth
         # n - n_done; a row ahead of the scheduler's state is not ours to trust.
         if row is None or row[0] > request.num_computed_tokens:
-            return None
+            return self._hint.get(request.request_id)  # a taken entry's rows, until measured
+        self._hint.pop(request.request_id, None)
         return row[0], row[1]
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
@@ -182,16 +189,18 @@ class DMSKVCacheManager(KVCacheManager):
                        delay_cache_blocks: bool = False, num_encoder_tokens: int = 0,
                        full_sequence_must_fit: bool = False, reserved_blocks: int = 0,
                        has_scheduled_reqs: bool = True) -> KVCacheBlocks | None:
-        if (num_new_computed_tokens or num_external_computed_tokens or num_encoder_tokens
+        if (num_external_computed_tokens or num_encoder_tokens
                 or (new_computed_blocks is not None and any(new_computed_blocks.blocks))):
-            raise NotImplementedError("DMS arena: prefix-cache hits, KV-connector loads and "
-                                      "encoder tokens are not supported")
+            raise NotImplementedError("DMS arena: KV-connector loads, shared blocks and encoder "
+                                      "tokens are not supported")
         if num_new_tokens <= 0:
             raise ValueError("num_new_tokens must be greater than 0")
         rid = request.request_id
         slot = self._slot_of.get(rid)
-        held = self._held.get(rid, [])
-        free = self.block_pool.get_num_free_blocks()
+        entry = self._hit_for(request, num_new_computed_tokens, slot)
+        held = list(entry.held) if entry is not None else self._held.get(rid, [])
+        measured = entry.measured if entry is not None else self._measured(request, slot)
+        before = 0 if entry is not None else len(held)
         # Same watermark rule as the stock manager: only for admissions next to running work.
         watermark = self.watermark_blocks if has_scheduled_reqs and request.status in (
             RequestStatus.WAITING, RequestStatus.PREEMPTED) else 0
@@ -199,20 +208,30 @@ class DMSKVCacheManager(KVCacheManager):
         if full_sequence_must_fit:
             # Whole known sequence, unmeasured; capped so a resumed request can always re-enter.
             full = self.layout.reservation_blocks(min(request.num_tokens, self.max_model_len))
-            if max(0, min(full, self.num_usable) - len(held)) + watermark > free:
+            want = max(0, min(full, self.num_usable) - len(held)) + watermark
+            if want > self._room(want, keep=entry):
                 return None
 
-        n = min(request.num_computed_tokens + num_new_tokens + num_lookahead_tokens,
-                self.max_model_len)
-        need = self.layout.reservation_blocks(n, self._measured(request, slot))
+        n = min(request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+                + num_lookahead_tokens, self.max_model_len)
+        need = self.layout.reservation_blocks(n, measured)
         grow = need - len(held)
-        if max(0, grow) + watermark > free - reserved_blocks:
+        want = max(0, grow) + watermark
+        if want > self._room(want + reserved_blocks, keep=entry) - reserved_blocks:
             return None
         new = slot is None
-        if new:
+        if new and entry is not None:  # take the entry: its slot, rows and blocks
+            slot = self.cache.remove(entry).slot
+            del self._pending[rid]
+            if entry.measured is not None:
+                self._hint[rid] = entry.measured
+        elif new:
+            if not self._free_slots and self.cache:
+                self._evict(self.cache.oldest())  # running <= max_num_seqs: an entry has one
             if not self._free_slots:
                 return None  # unreachable while len(running) <= max_num_seqs
             slot = heapq.heappop(self._free_slots)
+        if new:
             self._slot_of[rid] = slot
             gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
             self._blocks_of[rid] = KVCacheBlocks(((KVCacheBlock(
@@ -225,21 +244,67 @@ class DMSKVCacheManager(KVCacheManager):
             del held[need:]
             self.block_pool.free_blocks(reversed(surplus))
         self._held[rid] = held
-        self.num_held += grow
+        self.num_held += len(held) - before
         return self._blocks_of[rid] if new else self.empty_kv_cache_blocks
 
     def free(self, request: Request) -> None:
         rid = request.request_id
-        held = self._held.pop(rid, None)
+        slot = self._slot_of.get(rid)
+        measured = self._measured(request, slot)
+        held = self._held.pop(rid, None) or []
+        self.num_held -= len(held)
+        self._slot_of.pop(rid, None)
+        self._blocks_of.pop(rid, None)
+        self._pending.pop(rid, None)
+        self._hint.pop(rid, None)
+        if slot is not None and self._cacheable(request):
+            # Its rows hold the DMS state of its first L tokens: keep them for a prompt that
+            # starts with exactly those tokens (async: an already enqueued step may still add
+            # token L-1; num_computed_tokens counts it, so the rows and L agree).
+            L = request.num_computed_tokens
+            self.cache.put(Entry(slot, tuple(request.all_token_ids[:L]), held, measured))
+            return
         if held:
             self.block_pool.free_blocks(reversed(held))
-            self.num_held -= len(held)
-        slot = self._slot_of.pop(rid, None)
-        self._blocks_of.pop(rid, None)
         if slot is not None:
-            heapq.heappush(self._free_slots, slot)
-            CHANNEL.invalidate(slot)
-            CHANNEL.release.append(slot)
+            self._release_slot(slot)
+
+    def _release_slot(self, slot: int) -> None:
+        heapq.heappush(self._free_slots, slot)
+        CHANNEL.invalidate(slot)
+        CHANNEL.release.append(slot)
+
+    # ------------------------------------------------------------------ prefix entries
+    def _cacheable(self, request: Request) -> bool:
+        return (self.cache is not None and request.num_computed_tokens > 0
+                and request.status in (RequestStatus.FINISHED_STOPPED,
+                                       RequestStatus.FINISHED_LENGTH_CAPPED))
+
+    def _hit_for(self, request: Request, num_computed: int, slot: int | None) -> Entry | None:
+        if not num_computed:
+            return None
+        entry = self._pending.get(request.request_id)
+        if entry is None or slot is not None or len(entry.tokens) != num_computed:
+            raise NotImplementedError(f"DMS arena: {num_computed} computed tokens for "
+                                      f"{request.request_id} without a DMS prefix entry")
+        return entry
+
+    def _evict(self, e: Entry) -> None:
+        self.cache.remove(e)
+        self.block_pool.free_blocks(reversed(e.held))
+        self._release_slot(e.slot)
+
+    def _room(self, blocks: int, keep: Entry | None = None) -> int:
+        """Free blocks, after evicting least recently used entries (never ``keep``) until
+        ``blocks`` are free or no entry is left."""
+        free = self.block_pool.get_num_free_blocks()
+        while free < blocks and self.cache:
+            victim = next((e for e in self.cache.entries() if e is not keep), None)
+            if victim is None:
+                break
+            self._evict(victim)
+            free = self.block_pool.get_num_free_blocks()
+        return free
 
     def pop_blocks_for_free(self, request: Request) -> list[KVCacheBlock]:
         raise NotImplementedError("DMS arena: deferred frees (KV connectors) are not supported")
@@ -255,7 +320,20 @@ class DMSKVCacheManager(KVCacheManager):
         return len(self._held.get(request_id, ()))
 
     def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int, int]:
-        return self.empty_kv_cache_blocks, 0, 0
+        rid = request.request_id
+        self._pending.pop(rid, None)
+        if self.cache is None or rid in self._slot_of:
+            return self.empty_kv_cache_blocks, 0, 0
+        # at least one prompt token must run: it makes the first output
+        e = self.cache.match(list(request.all_token_ids), request.num_tokens - 1)
+        if e is not None:
+            self._pending[rid] = e
+            self.cache.touch(e)
+        hit = len(e.tokens) if e is not None else 0
+        if self.log_stats and self.prefix_cache_stats is not None:
+            self.prefix_cache_stats.record(num_tokens=request.num_tokens, num_hits=hit,
+                                           preempted=request.num_preemptions > 0)
+        return self.empty_kv_cache_blocks, hit, 0
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
         return [0] * self.num_kv_cache_groups
@@ -271,7 +349,9 @@ class DMSKVCacheManager(KVCacheManager):
         pass
 
     def reset_prefix_cache(self) -> bool:
-        # Nothing is cached; like the stock pool, report success only once no request holds KV.
+        # Drop every entry; like the stock pool, report success only once no request holds KV.
+        while self.cache:
+            self._evict(self.cache.oldest())
         ok = self.num_held == 0
         if ok and self.log_stats and self.prefix_cache_stats is not None:
             self.prefix_cache_stats.reset = True
@@ -295,6 +375,8 @@ class DMSKVCacheManager(KVCacheManager):
             arena_bytes_in_use=(self.layout.first_data_block + self.num_held) * page * L,
             arena_bytes_total=self.layout.num_blocks * page * L,
             reserved_blocks=self.num_held,
+            cached_blocks=self.cache.num_blocks if self.cache is not None else 0,
+            cache_entries=len(self.cache) if self.cache is not None else 0,
             usable_blocks=self.num_usable,
             state_blocks=self.layout.first_data_block,
             num_slots_in_use=len(self._slot_of),
@@ -315,7 +397,8 @@ class DMSKVCacheManager(KVCacheManager):
             if row is not None and row[0] > 0:  # n_done and live come from one worker copy
                 dense += row[0] * rows
                 live += row[2]
-        in_use = (lay.first_data_block + self.num_held) * block_bytes
+        cached = self.cache.num_blocks if self.cache is not None else 0
+        in_use = (lay.first_data_block + self.num_held + cached) * block_bytes
         return dict(
             live_kv_tokens=live,
             evicted_kv_tokens=dense - live,
@@ -354,7 +437,8 @@ class DMSSchedulerMixin:
             use_eagle=self.use_eagle, log_stats=self.log_stats,
             enable_kv_cache_events=self.enable_kv_cache_events,
             dcp_world_size=self.dcp_world_size, pcp_world_size=1,
-            metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark)
+            metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark,
+            enable_prefix_caching=bool(self.cache_config.enable_prefix_caching))
         self.kv_cache_manager = self.dms
 
     def _refusal(self, request: Request) -> str | None:

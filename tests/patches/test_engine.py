@@ -196,6 +196,12 @@ def test_token_budget_raised_to_max_model_len_when_default(runs):
     assert c["max_model_len"] == 32768 and c["mnbt"] >= 32768
 
 
+@pytest.mark.parametrize("name", ["prefix_caching", "cli_prefix"])
+def test_explicit_prefix_caching_is_accepted(runs, name):
+    c = ok(runs[0][name])  # opt-in: finished requests' rows are reused whole (prefix_cache)
+    assert c["prefix"] is True and c["sched_cls"].startswith("vllm_dms.scheduler.DMS")
+
+
 def test_explicit_chunked_prefill_is_accepted_with_a_small_budget(runs):
     c = ok(runs[0]["chunked_prefill"])  # opt-in: the continuation-chunk kernels take over
     assert c["chunked"] is True and c["mnbt"] == 512 < c["max_model_len"]
@@ -208,7 +214,6 @@ def test_explicitly_off_is_accepted(runs):
 
 
 @pytest.mark.parametrize("name, flag", [
-    ("prefix_caching", "--enable-prefix-caching"),
     ("tp2", "--tensor-parallel-size"),
     ("pp2", "--pipeline-parallel-size"),
     ("dp2", "--data-parallel-size"),
@@ -220,7 +225,6 @@ def test_explicitly_off_is_accepted(runs):
     ("kv_transfer", "--kv-transfer-config"),
     ("scheduler_cls", "--scheduler-cls"),
     ("small_budget", "--max-num-batched-tokens"),
-    ("cli_prefix", "--enable-prefix-caching"),
     ("cli_tp2", "--tensor-parallel-size"),
 ])
 def test_explicit_unsupported_flag_rejected(runs, name, flag):

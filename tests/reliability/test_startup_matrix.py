@@ -79,13 +79,13 @@ def scenarios(tmp):
     s += [(f"r7_{name}", dict(model=NV, **kw, **DMS), None) for name, (_, kw) in FLAGS.items()]
     s += [("r7_async_ok", dict(model=NV, async_scheduling=True, **DMS), None),
           ("r7_chunked_ok", dict(model=NV, enable_chunked_prefill=True,
-                                 max_num_batched_tokens=256, **DMS), None)]
+                                 max_num_batched_tokens=256, **DMS), None),
+          ("r7_prefix_ok", dict(model=NV, enable_prefix_caching=True, **DMS), None)]
     return [dict(name=n, kwargs=kw, probe=p) for n, kw, p in s]
 
 
 # row 7: name -> (flag the message must start with, EngineArgs kwargs)
 FLAGS = {
-    "prefix": ("--enable-prefix-caching", dict(enable_prefix_caching=True)),
     "tp": ("--tensor-parallel-size", dict(tensor_parallel_size=2)),
     "pp": ("--pipeline-parallel-size", dict(pipeline_parallel_size=2)),
     "dp": ("--data-parallel-size", dict(data_parallel_size=2)),
@@ -206,6 +206,11 @@ def test_r7_each_unsupported_flag_rejected_with_alternative(runs, name):
 
 def test_r7_explicit_async_scheduling_accepted(runs):
     assert "ok" in runs[0]["r7_async_ok"], runs[0]["r7_async_ok"]  # opt-in: DMSAsyncScheduler
+
+
+def test_r7_explicit_prefix_caching_accepted(runs):
+    res = runs[0]["r7_prefix_ok"]  # opt-in until its GPU engine run
+    assert "ok" in res, res
 
 
 def test_r7_explicit_chunked_prefill_accepted(runs):

@@ -84,7 +84,8 @@ def apply() -> None:
         if self.kv_cache_dtype == DMS_DTYPE:
             _prepare_dms(self)
             vllm_config = original(self, usage_context, headless)
-            _finish_dms(vllm_config, chunked=self.enable_chunked_prefill is True)
+            _finish_dms(vllm_config, chunked=self.enable_chunked_prefill is True,
+                        prefix=self.enable_prefix_caching is True)
             return vllm_config
         _route_no_evict(self)
         return original(self, usage_context, headless)
@@ -115,8 +116,10 @@ def _prepare_dms(args: Any) -> DMSConfig:
     _reject_unsupported(args)
     switched_off = []
     if args.enable_prefix_caching is None:
+        # Opt-in until its engine run on a GPU: finished requests' rows, reused whole by a
+        # prompt that extends them (vllm_dms.prefix_cache).
         args.enable_prefix_caching = False
-        switched_off.append("prefix caching")
+        switched_off.append("prefix caching (--enable-prefix-caching turns it on)")
     if args.enable_chunked_prefill is None:
         # Opt-in until its engine run on a GPU (its kernels and impl path pass CPU tests). With
         # it off and max_num_batched_tokens unset, vLLM raises the token budget to
@@ -145,8 +148,6 @@ def _reject_unsupported(args: Any) -> None:
         raise DMSConfigError(f"{flag}: {what} is not supported with --kv-cache-dtype "
                              f"{DMS_DTYPE}; remove {flag} or use another --kv-cache-dtype")
 
-    if args.enable_prefix_caching:
-        reject("--enable-prefix-caching", "prefix caching (compact pages are request-private)")
     if args.enable_sleep_mode:
         reject("--enable-sleep-mode", "sleep mode (waking re-maps the KV memory that holds the "
                "DMS arena state without re-initialising it)")
@@ -173,13 +174,13 @@ def _reject_unsupported(args: Any) -> None:
                f"step)")
 
 
-def _finish_dms(vllm_config: Any, chunked: bool = False) -> None:
+def _finish_dms(vllm_config: Any, chunked: bool = False, prefix: bool = False) -> None:
     """Verify nothing downstream re-enabled a feature, then install the DMS scheduler.
 
-    chunked: the user asked for chunked prefill (--enable-chunked-prefill)."""
+    chunked / prefix: the user asked for chunked prefill / prefix caching (opt-in flags)."""
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     backend = vllm_config.attention_config.backend
-    if cc.enable_prefix_caching or (sc.enable_chunked_prefill and not chunked):
+    if (cc.enable_prefix_caching and not prefix) or (sc.enable_chunked_prefill and not chunked):
         raise DMSConfigError(
             f"vLLM re-enabled a feature DMS cannot serve: enable_prefix_caching="
             f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}")

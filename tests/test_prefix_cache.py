@@ -1,0 +1,196 @@
+"""DMS prefix reuse (``--enable-prefix-caching``) through vLLM's real Scheduler on CPU.
+
+A finished request's rows become an entry; a prompt that extends its tokens takes the entry
+(same slot, its blocks, L computed tokens); entries are evicted LRU for blocks or slots, and
+every block and slot is accounted for after every step. VLLM_USE_V2_MODEL_RUNNER=0 (set by the
+test_scheduler harness).
+"""
+import random
+
+import torch
+
+from test_scheduler import (dms, dms_live_8x, dms_spec, llama_dir,  # noqa: F401
+                            make_scheduler, make_vllm_config, runner_output)
+from vllm.v1.request import Request, RequestStatus
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+
+LAYERS, SEQS, MAX_LEN, W = 16, 4, 512, 16
+
+
+class Worker:
+    """The DMS worker's view: slots from the block ids, releases drained, rows reported."""
+
+    def __init__(self, mgr):
+        self.mgr, self.lay = mgr, mgr.layout
+        self.slot, self.tag, self.n = {}, {}, {}
+        self.released, self.first_computed = [], {}
+        self.live = dms_live_8x(W)
+
+    def step(self, sched, out):
+        from vllm_dms.channel import CHANNEL
+        self.released += CHANNEL.take_release()
+        for r in out.finished_req_ids | out.preempted_req_ids:
+            self.slot.pop(r, None)
+        S1 = self.lay.num_slots
+        for r in out.scheduled_new_reqs:
+            bid = r.block_ids[0][0]
+            self.slot[r.req_id], self.tag[r.req_id] = bid % S1, bid // S1
+            self.first_computed[r.req_id] = r.num_computed_tokens
+        c = out.scheduled_cached_reqs
+        for i, rid in enumerate(c.req_ids):
+            if rid in c.resumed_req_ids:
+                bid = c.new_block_ids[i][0][0]
+                self.slot[rid], self.tag[rid] = bid % S1, bid // S1
+        H, P = self.lay.num_kv_heads, self.lay.block_size
+        for rid in out.num_scheduled_tokens:
+            n = sched.requests[rid].num_computed_tokens
+            pages = H * -(-self.live(rid, 0, 0, n) // P)
+            assert pages <= H * self.mgr.held_blocks(rid), "the ledger covers the rows"
+            CHANNEL.feedback[self.slot[rid]] = torch.tensor([n, pages, 0, self.tag[rid]],
+                                                            dtype=torch.int32)
+        return runner_output(sched, out, token=7)
+
+
+def setup(dms_mod, model, blocks=400):
+    spec_mod, sched_mod = dms_mod
+    vc = make_vllm_config(model, max_num_seqs=SEQS, max_num_batched_tokens=MAX_LEN,
+                          max_model_len=MAX_LEN, enable_prefix_caching=True)
+    spec = dms_spec(spec_mod, window=W, max_num_seqs=SEQS)
+    sched = make_scheduler(sched_mod.DMSScheduler, vc, spec, LAYERS, blocks)
+    assert sched.dms.cache is not None
+    return sched, sched.dms, Worker(sched.dms)
+
+
+def request(rid, tokens, max_tokens):
+    return Request(request_id=rid, prompt_token_ids=list(tokens),
+                   sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                   pooling_params=None, block_hasher=get_request_block_hasher(16, sha256))
+
+
+def run(sched, worker, steps=400, check=None):
+    for _ in range(steps):
+        if not sched.has_requests():
+            return
+        out = sched.schedule()
+        sched.update_from_output(out, worker.step(sched, out))
+        if check:
+            check()
+    raise AssertionError("not done")
+
+
+def invariants(mgr):
+    running = set(mgr._slot_of.values())
+    cached = {e.slot for e in mgr.cache.entries()}
+    assert len(running) == len(mgr._slot_of), "a slot is shared by running requests"
+    assert not running & cached and not (running | cached) & set(mgr._free_slots)
+    assert len(running | cached | set(mgr._free_slots)) == SEQS, "every slot accounted for"
+    held = sum(len(h) for h in mgr._held.values())
+    assert held == mgr.num_held
+    assert held + mgr.cache.num_blocks + mgr.block_pool.get_num_free_blocks() == mgr.num_usable
+
+
+def test_multi_turn_prompt_takes_the_finished_rows(dms, llama_dir):  # noqa: F811
+    sched, mgr, worker = setup(dms, llama_dir)
+    free0 = mgr.block_pool.get_num_free_blocks()
+    a = request("a", range(100, 140), 6)
+    sched.add_request(a)
+    run(sched, worker, check=lambda: invariants(mgr))
+    (entry,) = mgr.cache.entries()
+    slot_a = entry.slot
+    assert len(entry.tokens) == 45 and list(entry.tokens) == list(range(100, 140)) + [7] * 5
+    assert slot_a not in worker.released, "the rows stay in the arena"
+    turn2 = list(a.all_token_ids) + [9] * 10  # prompt + answer + a new user turn
+    sched.add_request(request("b", turn2, 4))
+    out = sched.schedule()
+    (new,) = out.scheduled_new_reqs
+    assert new.num_computed_tokens == 45 and out.num_scheduled_tokens["b"] == len(turn2) - 45
+    assert new.block_ids[0][0] % mgr.layout.num_slots == slot_a, "same slot: no copy"
+    assert len(mgr.cache) == 0 and mgr.cache.num_blocks == 0
+    stats = mgr.prefix_cache_stats
+    assert stats.hits == 45 and stats.queries == len(turn2)
+    sched.update_from_output(out, worker.step(sched, out))
+    run(sched, worker, check=lambda: invariants(mgr))
+    assert len(mgr.cache) == 1 and len(mgr.cache.entries()[0].tokens) == len(turn2) + 3
+    assert mgr.reset_prefix_cache() and len(mgr.cache) == 0
+    from vllm_dms.channel import CHANNEL
+    assert mgr.block_pool.get_num_free_blocks() == free0
+    assert slot_a in CHANNEL.release, "the worker frees the rows at its next step"
+
+
+def test_no_entry_from_aborted_or_preempted_and_no_hit_without_extension(dms, llama_dir):  # noqa: F811,E501
+    sched, mgr, worker = setup(dms, llama_dir)
+    sched.add_request(request("x", range(200, 230), 50))
+    out = sched.schedule()
+    sched.update_from_output(out, worker.step(sched, out))
+    sched.finish_requests(["x"], RequestStatus.FINISHED_ABORTED)
+    assert len(mgr.cache) == 0, "an aborted request leaves no entry"
+    sched.add_request(request("y", range(300, 330), 3))
+    run(sched, worker)
+    (e,) = mgr.cache.entries()
+    same = list(e.tokens)  # exactly the entry's tokens: nothing left to compute -> no hit
+    sched.add_request(request("z", same, 2))
+    out = sched.schedule()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert len(mgr.cache) == 1
+    sched.update_from_output(out, worker.step(sched, out))
+    run(sched, worker)
+
+
+def test_entries_are_evicted_lru_for_blocks_and_slots(dms, llama_dir):  # noqa: F811
+    sched, mgr, worker = setup(dms, llama_dir, blocks=160)
+    free0 = mgr.block_pool.get_num_free_blocks()
+    for i in range(3):  # three finished requests: three entries
+        sched.add_request(request(f"f{i}", range(1000 * i, 1000 * i + 60), 2))
+        run(sched, worker, check=lambda: invariants(mgr))
+    assert [e.tokens[0] for e in mgr.cache.entries()] == [0, 1000, 2000]
+    # four new long requests need every slot and most blocks: entries go, oldest first
+    for i in range(4):
+        sched.add_request(request(f"n{i}", range(5000 + 1000 * i, 5000 + 1000 * i + 300), 3))
+    out = sched.schedule()
+    sched.update_from_output(out, worker.step(sched, out))
+    invariants(mgr)
+    gone = [s for s in worker.released]
+    assert len(mgr.cache) < 3 and len(gone) == 3 - len(mgr.cache)
+    run(sched, worker, check=lambda: invariants(mgr))
+    mgr.reset_prefix_cache()
+    assert mgr.block_pool.get_num_free_blocks() == free0
+
+
+def test_random_turns_keep_the_ledger_exact(dms, llama_dir):  # noqa: F811
+    """2,000 events: new prompts, follow-up turns of finished ones, aborts; every step the slots
+    and blocks add up; at the end everything returns to the pool."""
+    sched, mgr, worker = setup(dms, llama_dir, blocks=220)
+    free0 = mgr.block_pool.get_num_free_blocks()
+    rng = random.Random(5)
+    done, live, reqs, k, hits = [], set(), {}, 0, 0
+    for _ in range(2000):
+        x = rng.random()
+        if x < 0.15 and len(sched.waiting) < 6:
+            base = list(rng.choice(done).all_token_ids) if done and rng.random() < 0.6 else \
+                [rng.randrange(50, 30000) for _ in range(rng.randrange(5, 120))]
+            extra = [rng.randrange(50, 30000) for _ in range(rng.randrange(1, 40))]
+            if len(base) + len(extra) + 8 < MAX_LEN:
+                r = request(f"r{k}", base + extra, rng.randrange(1, 8))
+                k += 1
+                sched.add_request(r)
+                live.add(r.request_id)
+                reqs[r.request_id] = r
+        elif x < 0.2 and live:
+            sched.finish_requests([rng.choice(sorted(live))], RequestStatus.FINISHED_ABORTED)
+        if sched.has_requests():
+            out = sched.schedule()
+            hits += sum(r.num_computed_tokens > 0 for r in out.scheduled_new_reqs)
+            sched.update_from_output(out, worker.step(sched, out))
+            for rid in list(live):
+                req = reqs[rid]
+                if req.is_finished():
+                    live.discard(rid)
+                    if req.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                        done.append(req)
+            invariants(mgr)
+    run(sched, worker, steps=2000, check=lambda: invariants(mgr))
+    assert hits > 10, f"follow-up turns should hit ({hits})"
+    mgr.reset_prefix_cache()
+    assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
