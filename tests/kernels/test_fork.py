@@ -142,3 +142,39 @@ def test_prefix_snapshot_fork_then_continue_equals_one_shot(kit, device, shift, 
         src, ref = arena_read_row(kv, lay, 1, h), arena_read_row(snap, lay, 1, h)
         for key in ("pos", "flag", "k", "v"):
             assert torch.equal(src[key], ref[key]), ("snapshot changed", key, h)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_decoded_rows_then_continuation_equals_one_shot(kit, device, shift):
+    """The prefix-reuse hit path (vllm_dms.prefix_cache): a request prefills L0 tokens and
+    decodes up to L; a follow-up prompt takes its rows and prefills [L, n) as a continuation
+    chunk. The rows equal a one-shot prefill of all n tokens (positions, flags, K/V)."""
+    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    H, D, P, W, L0, L, n = 2, 16, 4, 3, 11, 19, 33
+    g = torch.Generator().manual_seed(40 + shift)
+    lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
+    i32 = dict(dtype=torch.int32, device=device)
+    k = torch.randn(n, H, D, generator=g).to(torch.bfloat16).to(device)
+    d = torch.rand(n, H, generator=g) < 0.6
+    kv = kit.new_arena(lay, device)
+    lp, ov = torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32)
+    s = torch.tensor([2], **i32)
+    dms_prefill_pack(kv, lay, k[:L0], k[:L0], shifted_flags(d[:L0], shift).to(device),
+                     torch.tensor([0, L0], **i32), s, lp, ov)
+    for q in range(L0, L):  # decode: the decision at q (shift 1: it flags q-1)
+        dms_decode_store(kv, lay, k[q:q + 1], k[q:q + 1], d[q:q + 1].to(device),
+                         torch.tensor([q], **i32), s, shift, lp, ov)
+    n0 = torch.tensor([L], **i32)
+    if shift == 1:
+        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(device), n0, s)
+    dms_chunk_pack(kv, lay, k[L:], k[L:], shifted_flags(d[L:], shift).to(device),
+                   torch.tensor([0, n - L], **i32), n0, s, lp, ov)
+    one = kit.new_arena(lay, device)
+    dms_prefill_pack(one, lay, k, k, shifted_flags(d, shift).to(device),
+                     torch.tensor([0, n], **i32), s, torch.zeros_like(lp), ov)
+    assert int(ov[0]) == 0
+    for h in range(H):
+        got, want = arena_read_row(kv, lay, 2, h), arena_read_row(one, lay, 2, h)
+        og, ow = got["pos"].argsort(), want["pos"].argsort()
+        for key in ("pos", "flag", "k", "v"):
+            assert torch.equal(got[key][og], want[key][ow]), (key, h)
