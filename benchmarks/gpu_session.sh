@@ -10,6 +10,7 @@
 #   quality-smollm2               vllm-dms eval through dms_fp8 (needs smollm2 first)
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
+#   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
 set -uo pipefail
 export VLLM_DMS_TEXT_DIR=$PWD/.gpu/texts VLLM_DMS_CACHE=$HOME/.cache/vllm_dms
@@ -57,6 +58,10 @@ for stage in "$@"; do
       $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
         --name llama-3.2-1b --gpu-util ${UTIL:-0.12} --out-dir $OUT 2>&1 \
         | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" | tee $OUT/serve-llama.log | tail -40 ;;
+    multiturn-llama)
+      $T python3 benchmarks/multiturn_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
+        --name llama-3.2-1b --out-dir $OUT 2>&1 | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" \
+        | tee $OUT/multiturn-llama.log | tail -20 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
