@@ -4,8 +4,8 @@ Per step the builder turns vLLM's common metadata into ours (decodes first, then
 chunks; each request's arena slot is the single block id the scheduler gave it), drains the
 slots freed since the last step, and the impl, per layer, stores then attends:
 
-* decode rows: ``dms_decode_store`` (flag, exact expiry by slot reuse, FP8 append) then
-  ``dms_decode_attention`` (split-K over the row's live slots);
+* decode rows: ``dms_decode_store`` (decision from the carrier lane, flag, exact expiry by slot
+  reuse, FP8 append) then ``dms_decode_attention`` (split-K over the row's live slots);
 * prefill rows: ``dms_prefill_attention`` (the exact DMS mask over the prompt) then
   ``dms_prefill_pack`` (survivors to the arena in FP8);
 * when a prefill row continues a prompt (tokens already in the arena): ``dms_chunk_flag_prev``
@@ -14,7 +14,12 @@ slots freed since the last step, and the impl, per layer, stores then attends:
 
 The decision channel is the query itself: the DMS model transform puts the raw pre-RoPE value of
 the borrowed lane (head h*G, lane D-1) back into that lane after RoPE, so the decision reaches us
-inside the attention op (ordered, graph- and compile-safe); we read it, then zero the lane.
+inside the attention op (ordered, graph- and compile-safe). The decode store decides from it in
+its kernel; every attention kernel reads the lane as 0 (``carrier=True``), so q is never copied.
+The builder also posts the last step's feedback to the host ring (``runtime.post``): inside a
+replayed CUDA graph only its device half runs.
+A request that takes a prefix entry (``vllm_dms.prefix_cache``) arrives with its slot's rows
+already holding its first tokens: it is simply a continuation chunk.
 """
 from __future__ import annotations
 
