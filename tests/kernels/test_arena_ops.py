@@ -194,9 +194,9 @@ def test_arena_kernels_compile_sm90(compile_sm90):
     for P, D, E in [(16, 128, 1), (16, 96, 2)]:
         for has_live in (False, True):
             specs.append(("vllm_dms.kernels.pack", "_reserve_kernel", dict(ptr), dict(
-                P=P, BLOCK_PG=64, HAS_LIVE=has_live)))
+                P=P, BLOCK_PG=64, HAS_LIVE=has_live, HAS_LENS=has_live)))
             specs.append(("vllm_dms.kernels.pack", "_scatter_kernel", dict(ptr), dict(
-                P=P, D=D, ELEM=E, BLOCK_T=64, BLOCK_D=triton_np2(D))))
+                P=P, D=D, ELEM=E, BLOCK_T=64, BLOCK_D=triton_np2(D), HAS_LENS=has_live)))
             for shift in (0, 1):  # decisions as bools (shift 0) or from bf16 carrier lanes
                 dec = {"dec": "*bf16" if shift else "*u8", "a_scale": "fp32", "a_offset": "fp32"}
                 specs.append((AO, "_decode_store_kernel", {**ptr, **dec}, dict(
@@ -206,7 +206,7 @@ def test_arena_kernels_compile_sm90(compile_sm90):
         specs.append((AO, "_release_kernel", {}, dict(BLOCK_PG=64, HAS_LIVE=has_live)))
     for s in specs:  # every pointer arg not named above is an int32 array
         s[2].update({a: "*i32" for a in
-                     "arena cu slots layer_pages live overflow pos cum".split()})
+                     "arena cu slots layer_pages live overflow pos cum lens".split()})
     compile_sm90(specs)
 
 

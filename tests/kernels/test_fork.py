@@ -178,3 +178,41 @@ def test_decoded_rows_then_continuation_equals_one_shot(kit, device, shift):
         og, ow = got["pos"].argsort(), want["pos"].argsort()
         for key in ("pos", "flag", "k", "v"):
             assert torch.equal(got[key][og], want[key][ow]), (key, h)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_snapshot_pack_during_prefill_then_continue_equals_one_shot(kit, device, shift):
+    """A prefix snapshot taken while a prompt is prefilled (dms_prefill_pack with lens, into a
+    cache slot, from the same chunk), continued later as a chunk, equals one-shot rows of the
+    longer prompt; the request's own rows are the one-shot rows of its prompt."""
+    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    H, D, P, W, L, n, n2 = 2, 16, 4, 3, 20, 29, 41
+    g = torch.Generator().manual_seed(60 + shift)
+    lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
+    i32 = dict(dtype=torch.int32, device=device)
+    k = torch.randn(n2, H, D, generator=g).to(torch.bfloat16).to(device)
+    d = torch.rand(n2, H, generator=g) < 0.6
+    kv = kit.new_arena(lay, device)
+    lp, ov = torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32)
+    fl = shifted_flags(d[:n], shift).to(device)  # the request's prompt is n tokens
+    cu = torch.tensor([0, n], **i32)
+    dms_prefill_pack(kv, lay, k[:n], k[:n], fl, cu, torch.tensor([1], **i32), lp, ov)
+    dms_prefill_pack(kv, lay, k[:n], k[:n], fl, cu, torch.tensor([4], **i32), lp, ov,
+                     lens=torch.tensor([L], **i32))  # snapshot of its first L tokens
+    s4, n0 = torch.tensor([4], **i32), torch.tensor([L], **i32)
+    if shift == 1:
+        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(device), n0, s4)
+    dms_chunk_pack(kv, lay, k[L:], k[L:], shifted_flags(d[L:], shift).to(device),
+                   torch.tensor([0, n2 - L], **i32), n0, s4, lp, ov)  # another prompt
+    assert int(ov[0]) == 0
+    for slot, m in ((1, n), (4, n2)):
+        one = kit.new_arena(lay, device)
+        dms_prefill_pack(one, lay, k[:m], k[:m], shifted_flags(d[:m], shift).to(device),
+                         torch.tensor([0, m], **i32), torch.tensor([slot], **i32),
+                         torch.zeros_like(lp), ov)
+        for h in range(H):
+            got, want = arena_read_row(kv, lay, slot, h), arena_read_row(one, lay, slot, h)
+            og, ow = got["pos"].argsort(), want["pos"].argsort()
+            for key in ("pos", "flag", "k", "v"):
+                assert torch.equal(got[key][og], want[key][ow]), (slot, key, h)
+    kit.check_pages_conserved(kv, lay)

@@ -33,16 +33,26 @@ def _kept_before(cum_row, start, t, win_lo):
 
 
 @triton.jit
-def _reserve_kernel(arena, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu, slots,
+def _length(cu, lens, b, start, HAS_LENS: tl.constexpr):
+    # the request's own tokens, or (a prefix snapshot) only its first lens[b] of them
+    if HAS_LENS:
+        return tl.load(lens + b)
+    else:
+        return tl.load(cu + b + 1) - start
+
+
+@triton.jit
+def _reserve_kernel(arena, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu, lens, slots,
                     layer_pages, live, overflow, H, W, MAXP, NPROG,
-                    P: tl.constexpr, BLOCK_PG: tl.constexpr, HAS_LIVE: tl.constexpr):
+                    P: tl.constexpr, BLOCK_PG: tl.constexpr, HAS_LIVE: tl.constexpr,
+                    HAS_LENS: tl.constexpr):
     free_top = arena + o_top
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots + b)
     if slot > 0:
         start = tl.load(cu + b)
-        n = tl.load(cu + b + 1) - start
+        n = _length(cu, lens, b, start, HAS_LENS)
         n_keep = _kept_before(cum + h * (T + 1), start, n, tl.maximum(n - 1 - W, 0))
         npg = (n_keep + P - 1) // P
         old = tl.full((), 0, tl.int32)
@@ -67,16 +77,16 @@ def _reserve_kernel(arena, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu, sl
 
 
 @triton.jit
-def _scatter_kernel(arena, o_npg, o_ring, o_pages, k_ptr, v_ptr, flags, cum, T, cu, slots,
+def _scatter_kernel(arena, o_npg, o_ring, o_pages, k_ptr, v_ptr, flags, cum, T, cu, lens, slots,
                     skt, skh, svt, svh, sft, sfh, H, W, MAXP,
                     P: tl.constexpr, D: tl.constexpr, ELEM: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     t0 = tl.program_id(2) * BLOCK_T
     slot = tl.load(slots + b)
     start = tl.load(cu + b)
-    n = tl.load(cu + b + 1) - start
+    n = _length(cu, lens, b, start, HAS_LENS)
     if (slot > 0) & (t0 < n):
         cum_row = cum + h * (T + 1)
         win_lo = tl.maximum(n - 1 - W, 0)
@@ -109,7 +119,8 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
                      slots: torch.Tensor, layer_pages: torch.Tensor,
                      overflow: torch.Tensor, live: torch.Tensor | None = None,
                      max_seqlen: int | None = None,
-                     cum: torch.Tensor | None = None) -> None:
+                     cum: torch.Tensor | None = None,
+                     lens: torch.Tensor | None = None) -> None:
     """Pack the DMS survivors of each request's first chunk into its (empty) rows.
 
     k, v [T, H, D] bf16 (last dim contiguous); flags [T, H] bool, already shifted (the flag each
@@ -118,6 +129,8 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     live int32 [S1] (optional): each packed row adds its survivor count. max_seqlen: host bound
     on the chunk lengths (sizes the grid; default T). cum int32 [H, T+1]: survivor_index(flags)
     prefix counts, when the caller already has them (prefill attention needs the same ones).
+    lens int32 [B] (optional): pack only the first lens[b] tokens of request b, as their state
+    after token lens[b]-1 (a prefix snapshot into a cache slot; lens[b] <= its length).
     """
     dev, H, D, T = kv_layer.device, layout.num_kv_heads, layout.head_dim, k.shape[0]
     words, B, live_arg = check_store_args(kv_layer, layout, k, v, slots, layer_pages, overflow,
@@ -127,19 +140,23 @@ def dms_prefill_pack(kv_layer: torch.Tensor, layout: ArenaLayout, k: torch.Tenso
     if cum is None:
         cum = survivor_index(flags)[1]
     _check(cum, "cum", torch.int32, (H, T + 1), dev)
+    if lens is not None:
+        _check(lens, "lens", torch.int32, (B,), dev)
     max_seqlen = T if max_seqlen is None else max_seqlen
     if B == 0 or T == 0 or max_seqlen <= 0:
         return
     o_top, o_stack, o_len, o_npg, o_ring, o_pages = state_word_offsets(layout)
     P, W, MAXP = layout.block_size, layout.window, layout.max_pages_per_row
     _reserve_kernel[(B, H)](
-        words, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu_seqlens, slots, layer_pages,
-        live_arg, overflow, H, W, MAXP, B * H, P=P, BLOCK_PG=64, HAS_LIVE=live is not None,
+        words, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu_seqlens,
+        slots if lens is None else lens, slots, layer_pages, live_arg, overflow, H, W, MAXP,
+        B * H, P=P, BLOCK_PG=64, HAS_LIVE=live is not None, HAS_LENS=lens is not None,
         num_warps=1)
     block_t = 64 if kv_layer.is_cuda else 16
     fl = flags.view(torch.uint8)
     _scatter_kernel[(B, H, triton.cdiv(max_seqlen, block_t))](
-        words, o_npg, o_ring, o_pages, k, v, fl, cum, T, cu_seqlens, slots,
+        words, o_npg, o_ring, o_pages, k, v, fl, cum, T, cu_seqlens,
+        slots if lens is None else lens, slots,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), fl.stride(0), fl.stride(1),
         H, W, MAXP, P=P, D=D, ELEM=layout.elem_bytes, BLOCK_T=block_t,
-        BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        BLOCK_D=triton.next_power_of_2(D), HAS_LENS=lens is not None, num_warps=4)
