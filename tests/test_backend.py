@@ -275,3 +275,50 @@ def test_builder_splits_first_and_continuation_chunks():
     assert md.prefill_cont_slots is None and md.prefill_n0 is None
     md = b.build(0, cam([0, 5], [5], [1], cpu_seq=False))  # unknown: chunk path, n0 = 0
     assert md.prefill_n0.tolist() == [0] and md.prefill_cont_slots.tolist() == [0]
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
+    """A scheduler's snapshot order (request slot, L, cache slot, tag) reaches the impl through
+    DMSRuntime.order_snapshots: the cache slot's rows are the one-shot rows of the first L
+    tokens (token L-1's flag final), the request's own rows are untouched by it, and the cache
+    slot reports L tokens under its tag."""
+    from vllm_dms.kernels.pack import dms_prefill_pack
+    H, G, D, P, W, n, L, slot, cache, tag = 2, 2, 32, 16, 3, 21, 16, 1, 3, 5
+    dms = _dms(shift, W, H, G, D)
+    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
+                      max_num_seqs=3, max_model_len=64, num_blocks=0)
+    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 8})
+    kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
+    rt = DMSRuntime(dms, lay, ["l0"], H * G, DEV)
+    rt.init_arenas([kv])
+    g = torch.Generator().manual_seed(70 + shift)
+    q = torch.randn(n, H * G, D, generator=g).to(torch.bfloat16)
+    k = torch.randn(n, H, D, generator=g).to(torch.bfloat16)
+    lane = torch.where(torch.rand(n, H, generator=g) < 0.6, 0.3, -0.2).to(torch.bfloat16)
+    q[:, ::G, D - 1] = lane
+    md = _meta(rt, slot, 0, n, True)
+    md.prefill_snap_len, md.prefill_snap_dst = rt.order_snapshots([(slot, L, cache, tag)],
+                                                                  md.slots)
+    out = torch.empty(n, H * G * D, dtype=torch.bfloat16, device=DEV)
+    impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
+    impl.forward(types.SimpleNamespace(layer_name="l0"), q.reshape(n, -1).to(DEV),
+                 k.reshape(n, -1).to(DEV), k.reshape(n, -1).to(DEV), kv, md, out)
+    fl = shifted_flags(lane.float() > 0.05, shift)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    for rows, m, s in (((L, cache), fl[:L], cache), ((n, slot), fl[:n].clone(), slot)):
+        if s == slot and shift == 1:
+            m[-1] = False  # the request's last flag is pending; the snapshot's L-1 is not
+        one = torch.zeros_like(kv)
+        from vllm_dms.kernels.arena_ops import arena_init
+        arena_init(one.view(-1), lay)
+        dms_prefill_pack(one, lay, k[:rows[0]].to(DEV), k[:rows[0]].to(DEV), m.to(DEV),
+                         torch.tensor([0, rows[0]], **i32), torch.tensor([s], **i32),
+                         torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32))
+        for h in range(H):
+            got, want = arena_read_row(kv, lay, s, h), arena_read_row(one, lay, s, h)
+            for key in ("pos", "flag", "k", "v"):
+                assert torch.equal(got[key], want[key]), (s, key, h)
+    assert int(rt.slot_ntok[cache]) == L and int(rt.slot_tag[cache]) == tag
+    assert int(rt.snap_dst.abs().sum()) == 0, "orders last one step"
+    assert int(rt.overflow[0]) == 0

@@ -25,12 +25,13 @@ class Worker:
     def __init__(self, mgr):
         self.mgr, self.lay = mgr, mgr.layout
         self.slot, self.tag, self.n = {}, {}, {}
-        self.released, self.first_computed = [], {}
+        self.released, self.first_computed, self.orders = [], {}, []
         self.live = dms_live_8x(W)
 
     def step(self, sched, out):
         from vllm_dms.channel import CHANNEL
         self.released += CHANNEL.take_release()
+        orders = CHANNEL.take_snapshots()
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)
         S1 = self.lay.num_slots
@@ -44,6 +45,14 @@ class Worker:
                 bid = c.new_block_ids[i][0][0]
                 self.slot[rid], self.tag[rid] = bid % S1, bid // S1
         H, P = self.lay.num_kv_heads, self.lay.block_size
+        first = {self.slot[r.req_id]: r for r in out.scheduled_new_reqs
+                 if r.num_computed_tokens == 0}
+        for req_slot, L, cache_slot, tag in orders:  # pack a snapshot, report it
+            assert req_slot in first and L < out.num_scheduled_tokens[first[req_slot].req_id]
+            assert cache_slot not in self.slot.values(), "a snapshot never lands on a request"
+            pages = H * -(-self.live(None, 0, 0, L) // P)
+            CHANNEL.feedback[cache_slot] = torch.tensor([L, pages, 0, tag], dtype=torch.int32)
+            self.orders.append((first[req_slot].req_id, L, cache_slot))
         for rid in out.num_scheduled_tokens:
             n = sched.requests[rid].num_computed_tokens
             pages = H * -(-self.live(rid, 0, 0, n) // P)
@@ -53,13 +62,15 @@ class Worker:
         return runner_output(sched, out, token=7)
 
 
-def setup(dms_mod, model, blocks=400):
+def setup(dms_mod, model, blocks=400, stride=None):
     spec_mod, sched_mod = dms_mod
     vc = make_vllm_config(model, max_num_seqs=SEQS, max_num_batched_tokens=MAX_LEN,
                           max_model_len=MAX_LEN, enable_prefix_caching=True)
     spec = dms_spec(spec_mod, window=W, max_num_seqs=SEQS)
     sched = make_scheduler(sched_mod.DMSScheduler, vc, spec, LAYERS, blocks)
     assert sched.dms.cache is not None
+    if stride:
+        sched.dms.snapshot_stride = stride
     return sched, sched.dms, Worker(sched.dms)
 
 
@@ -158,10 +169,35 @@ def test_entries_are_evicted_lru_for_blocks_and_slots(dms, llama_dir):  # noqa: 
     assert mgr.block_pool.get_num_free_blocks() == free0
 
 
+def test_snapshot_of_a_shared_prefix_serves_a_different_prompt(dms, llama_dir):  # noqa: F811
+    from vllm_dms.channel import CHANNEL
+    sched, mgr, worker = setup(dms, llama_dir, stride=16)
+    free0 = mgr.block_pool.get_num_free_blocks()
+    system = list(range(100, 140))  # 40 tokens every prompt shares
+    sched.add_request(request("a", system + [1] * 5, 3))
+    out = sched.schedule()
+    assert sorted(L for _, L, _, _ in CHANNEL.snapshots) == [16, 32], "first-chunk snapshots"
+    assert not any(e.ready for e in mgr.cache.entries()), "written by this very step"
+    dense = [len(e.held) for e in mgr.cache.entries()]
+    sched.update_from_output(out, worker.step(sched, out))
+    invariants(mgr)
+    sched.add_request(request("b", system + [2] * 7, 3))
+    out = sched.schedule()  # the snapshots are ready now, and measured: they shrank
+    assert [len(e.held) for e in mgr.cache.entries()] <= dense
+    (new,) = out.scheduled_new_reqs
+    snap32 = next(c for r, L, c in worker.orders if L == 32)
+    assert new.num_computed_tokens == 32 and out.num_scheduled_tokens["b"] == 47 - 32
+    assert new.block_ids[0][0] % mgr.layout.num_slots == snap32, "b took the 32-token snapshot"
+    sched.update_from_output(out, worker.step(sched, out))
+    run(sched, worker, check=lambda: invariants(mgr))
+    mgr.reset_prefix_cache()
+    assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
+
+
 def test_random_turns_keep_the_ledger_exact(dms, llama_dir):  # noqa: F811
     """2,000 events: new prompts, follow-up turns of finished ones, aborts; every step the slots
     and blocks add up; at the end everything returns to the pool."""
-    sched, mgr, worker = setup(dms, llama_dir, blocks=220)
+    sched, mgr, worker = setup(dms, llama_dir, blocks=220, stride=32)
     free0 = mgr.block_pool.get_num_free_blocks()
     rng = random.Random(5)
     done, live, reqs, k, hits = [], set(), {}, 0, 0

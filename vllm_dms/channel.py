@@ -40,6 +40,9 @@ def encode_block_id(slot: int, tag: int, num_slots: int) -> int:
 class DMSChannel:
     def __init__(self) -> None:
         self.release: list[int] = []
+        # (request slot, L, cache slot, cache tag): pack the first L tokens of that request's
+        # first prefill chunk, this step, into the cache slot (a prefix snapshot)
+        self.snapshots: list[tuple[int, int, int, int]] = []
         self.overflow: bool = False
         self._reset_buffers()
 
@@ -143,9 +146,15 @@ class DMSChannel:
         out, self.release = self.release, []
         return out
 
+    def take_snapshots(self) -> list[tuple[int, int, int, int]]:
+        """Worker side: drain this step's prefix-snapshot orders."""
+        out, self.snapshots = self.snapshots, []
+        return out
+
     def reset(self) -> None:
         """Forget everything: a new engine in this process (DMSKVCacheManager), or a test."""
         self.release = []
+        self.snapshots = []
         self.overflow = False
         self._reset_buffers()
 

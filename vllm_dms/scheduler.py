@@ -54,7 +54,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_dms.arena import ArenaLayout
 from vllm_dms.channel import CHANNEL, TAG_GENERATIONS, encode_block_id
 from vllm_dms.config import DMSConfigError
-from vllm_dms.prefix_cache import Entry, PrefixStore
+from vllm_dms.prefix_cache import SNAPSHOT_STRIDE, Entry, PrefixEntries, PrefixStore
 from vllm_dms.spec import DMSCompactSpec
 from vllm_dms.validation import request_problem
 
@@ -77,7 +77,7 @@ def dms_spec_of(kv_cache_config: KVCacheConfig) -> DMSCompactSpec | None:
     return specs[0]
 
 
-class DMSKVCacheManager(KVCacheManager):
+class DMSKVCacheManager(PrefixEntries, KVCacheManager):
     """KVCacheManager whose blocks are a reservation ledger and whose block ids are slots."""
 
     def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int,
@@ -139,6 +139,7 @@ class DMSKVCacheManager(KVCacheManager):
         self.cache = PrefixStore() if enable_prefix_caching else None
         self._pending: dict[str, Entry] = {}        # get_computed_blocks' hit, until allocated
         self._hint: dict[str, tuple[int, int]] = {}  # a taken entry's measurement, until ours
+        self.snapshot_stride = SNAPSHOT_STRIDE
         # A new engine in this process takes the channel over: slots queued or measured by an
         # earlier engine refer to that engine's arena (and its max_num_seqs).
         CHANNEL.reset()
@@ -226,7 +227,7 @@ class DMSKVCacheManager(KVCacheManager):
             if entry.measured is not None:
                 self._hint[rid] = entry.measured
         elif new:
-            if not self._free_slots and self.cache:
+            if not self._free_slots and self.cache and self.cache.oldest() is not None:
                 self._evict(self.cache.oldest())  # running <= max_num_seqs: an entry has one
             if not self._free_slots:
                 return None  # unreachable while len(running) <= max_num_seqs
@@ -245,6 +246,8 @@ class DMSKVCacheManager(KVCacheManager):
             self.block_pool.free_blocks(reversed(surplus))
         self._held[rid] = held
         self.num_held += len(held) - before
+        if new and entry is None:
+            self._order_snapshots(request, num_new_tokens)
         return self._blocks_of[rid] if new else self.empty_kv_cache_blocks
 
     def free(self, request: Request) -> None:
@@ -274,38 +277,6 @@ class DMSKVCacheManager(KVCacheManager):
         CHANNEL.invalidate(slot)
         CHANNEL.release.append(slot)
 
-    # ------------------------------------------------------------------ prefix entries
-    def _cacheable(self, request: Request) -> bool:
-        return (self.cache is not None and request.num_computed_tokens > 0
-                and request.status in (RequestStatus.FINISHED_STOPPED,
-                                       RequestStatus.FINISHED_LENGTH_CAPPED))
-
-    def _hit_for(self, request: Request, num_computed: int, slot: int | None) -> Entry | None:
-        if not num_computed:
-            return None
-        entry = self._pending.get(request.request_id)
-        if entry is None or slot is not None or len(entry.tokens) != num_computed:
-            raise NotImplementedError(f"DMS arena: {num_computed} computed tokens for "
-                                      f"{request.request_id} without a DMS prefix entry")
-        return entry
-
-    def _evict(self, e: Entry) -> None:
-        self.cache.remove(e)
-        self.block_pool.free_blocks(reversed(e.held))
-        self._release_slot(e.slot)
-
-    def _room(self, blocks: int, keep: Entry | None = None) -> int:
-        """Free blocks, after evicting least recently used entries (never ``keep``) until
-        ``blocks`` are free or no entry is left."""
-        free = self.block_pool.get_num_free_blocks()
-        while free < blocks and self.cache:
-            victim = next((e for e in self.cache.entries() if e is not keep), None)
-            if victim is None:
-                break
-            self._evict(victim)
-            free = self.block_pool.get_num_free_blocks()
-        return free
-
     def pop_blocks_for_free(self, request: Request) -> list[KVCacheBlock]:
         raise NotImplementedError("DMS arena: deferred frees (KV connectors) are not supported")
 
@@ -318,22 +289,6 @@ class DMSKVCacheManager(KVCacheManager):
 
     def held_blocks(self, request_id: str) -> int:
         return len(self._held.get(request_id, ()))
-
-    def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int, int]:
-        rid = request.request_id
-        self._pending.pop(rid, None)
-        if self.cache is None or rid in self._slot_of:
-            return self.empty_kv_cache_blocks, 0, 0
-        # at least one prompt token must run: it makes the first output
-        e = self.cache.match(list(request.all_token_ids), request.num_tokens - 1)
-        if e is not None:
-            self._pending[rid] = e
-            self.cache.touch(e)
-        hit = len(e.tokens) if e is not None else 0
-        if self.log_stats and self.prefix_cache_stats is not None:
-            self.prefix_cache_stats.record(num_tokens=request.num_tokens, num_hits=hit,
-                                           preempted=request.num_preemptions > 0)
-        return self.empty_kv_cache_blocks, hit, 0
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> list[int]:
         return [0] * self.num_kv_cache_groups
@@ -349,8 +304,9 @@ class DMSKVCacheManager(KVCacheManager):
         pass
 
     def reset_prefix_cache(self) -> bool:
-        # Drop every entry; like the stock pool, report success only once no request holds KV.
-        while self.cache:
+        # Drop every entry (a snapshot still being written goes at the next reset); like the
+        # stock pool, report success only once no request holds KV.
+        while self.cache and self.cache.oldest() is not None:
             self._evict(self.cache.oldest())
         ok = self.num_held == 0
         if ok and self.log_stats and self.prefix_cache_stats is not None:
@@ -464,6 +420,7 @@ class DMSSchedulerMixin:
     def schedule(self, *args: Any, **kwargs: Any):
         if self.dms is not None:
             CHANNEL.refresh()  # newest fully landed worker feedback; one snapshot per step
+            self.dms.refresh_entries()
         return super().schedule(*args, **kwargs)
 
     def update_from_output(self, scheduler_output, model_runner_output):
