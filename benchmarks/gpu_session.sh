@@ -11,6 +11,7 @@
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 #   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
+#   serve-prefix-llama            vllm bench serve, shared 4096-token prefix, caching off vs on
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
 set -uo pipefail
 export VLLM_DMS_TEXT_DIR=$PWD/.gpu/texts VLLM_DMS_CACHE=$HOME/.cache/vllm_dms
@@ -58,6 +59,13 @@ for stage in "$@"; do
       $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
         --name llama-3.2-1b --gpu-util ${UTIL:-0.12} --out-dir $OUT 2>&1 \
         | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" | tee $OUT/serve-llama.log | tail -40 ;;
+    serve-prefix-llama)
+      for pc in 0 1; do
+        $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
+          --name llama-3.2-1b --engines dms_fp8 --prefix-len 4096 --input-len 512 \
+          --num-prompts 128 --concurrency 32 --prefix-caching $pc --gpu-util 0.2 \
+          --out-dir $OUT 2>&1 | grep "^\[" | tail -3
+      done ;;
     multiturn-llama)
       $T python3 benchmarks/multiturn_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
         --name llama-3.2-1b --out-dir $OUT 2>&1 | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" \

@@ -122,6 +122,8 @@ def run_engine(engine: str, a) -> dict:
                peak_dms_arena_bytes_in_use=poll.peak.get("vllm:dms_arena_bytes_in_use"),
                idle_kv_cache_usage_perc=idle.get("vllm:kv_cache_usage_perc"),
                idle_dms_arena_bytes_in_use=idle.get("vllm:dms_arena_bytes_in_use"),
+               prefix_cache_hits=idle.get("vllm:prefix_cache_hits_total"),
+               prefix_cache_queries=idle.get("vllm:prefix_cache_queries_total"),
                metrics_excerpt=poll.excerpt)
     print(f"[{engine}] {json.dumps({k: v for k, v in row.items() if k != 'metrics_excerpt'})}",
           flush=True)
