@@ -13,7 +13,9 @@ The design is in ``vllm_dms.arena`` (module docstring). Scheduler-side contract:
   ``layout.reservation_blocks(n, measured)``: grown from the pool (``None`` when it does not
   fit, so vLLM preempts or blocks the queue exactly as for dense KV) or shrunk (surplus goes back).
 * ``free`` (finish, abort, preemption) returns the hidden blocks and the slot, and queues the slot
-  on ``CHANNEL.release`` for the worker.
+  on ``CHANNEL.release`` for the worker; with ``--enable-prefix-caching`` a normally finished
+  request's slot and blocks become a prefix entry instead (``vllm_dms.prefix_cache``), and
+  entries (also prefix snapshots) are evicted least recently used when blocks or slots run out.
 
 Sync or async scheduling (``DMSScheduler`` / ``DMSAsyncScheduler``): the reservation reads the
 worker's latest landed measurement of this owner (``CHANNEL``), which may lag by a step or two;
