@@ -53,12 +53,26 @@ def prefill_row(name, H, G, D, W, T=8192, evict=0.875):  # noqa: N803
     out = torch.empty_like(q)
     scale = D ** -0.5
     dms = timed(lambda: dms_prefill_attention(q, k, v, flags, cu, T, W, scale, out, carrier=True))
+    tiles = {}  # alternative CUDA tiles for this head_dim (vllm_dms.kernels.prefill.CUDA_TILES)
+    from vllm_dms.kernels import prefill
+    bound = 128 if D <= 128 else 256
+    default = prefill.CUDA_TILES[bound]
+    for cfg in ((128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+                (64, 128, 4, 2)):
+        prefill.CUDA_TILES[bound] = cfg
+        try:
+            tiles["x".join(map(str, cfg))] = timed(lambda: dms_prefill_attention(
+                q, k, v, flags, cu, T, W, scale, out, carrier=True), reps=5)
+        except Exception as e:  # noqa: BLE001  (e.g. out of shared memory: record, go on)
+            tiles["x".join(map(str, cfg))] = repr(e)[:80]
+    prefill.CUDA_TILES[bound] = default
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
     pack_us, release_us = pack_timings(k, v, flags, H, D, W, T)
     return dict(kernel="prefill_attention", shape=name, T=T, W=W, evict=evict,
                 dms_us=dms, sdpa_causal_us=sdpa, dms_x_sdpa=sdpa / dms,
+                tiles_default="x".join(map(str, default)), dms_us_by_tiles=tiles,
                 pack_plus_release_us=pack_us, release_us=release_us)
 
 

@@ -20,6 +20,14 @@ import triton.language as tl
 from vllm_dms.kernels.arena_ops import _check, _dot, _drop_carrier
 
 LOG2E = 1.4426950408889634
+# CUDA tiles (BLOCK_R rows, BLOCK_N keys, warps, stages) by head_dim bound; benchmarks/
+# kernel_bench.py sweeps alternatives. H200, D=128, G=4, 8k tokens, before survivor lists:
+# 128x128/8 warps 2.05 ms, 64x64/4 warps 2.31 ms.
+CUDA_TILES = {128: (128, 128, 8, 2), 256: (64, 64, 8, 2)}
+
+
+def cuda_tiles(D: int) -> tuple[int, int, int, int]:
+    return CUDA_TILES[128 if D <= 128 else 256]
 
 
 @triton.jit
@@ -150,10 +158,9 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
     if B <= 0 or T == 0 or max_seqlen <= 0:
         return
     if q.is_cuda:
-        # H200, D=128, G=4, 8k tokens: 128x128/8 warps 2.05 ms, 64x64/4 warps 2.31 ms
-        block_r, block_n, warps = (128, 128, 8) if D <= 128 else (64, 64, 8)
+        block_r, block_n, warps, stages = cuda_tiles(D)
     else:  # interpreter: small tiles keep numpy fast
-        block_r, block_n, warps = 16, 16, 4
+        block_r, block_n, warps, stages = 16, 16, 4, 1
     block_r = max(block_r, triton.next_power_of_2(G))
     tm = block_r // G
     fl = flags.view(torch.uint8)
@@ -164,4 +171,4 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         fl.stride(0), fl.stride(1), out.stride(0), out.stride(1), window, scale * LOG2E,
         G=G, TM=tm, D=D, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        F32=not q.is_cuda, CARRIER=carrier, num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        F32=not q.is_cuda, CARRIER=carrier, num_warps=warps, num_stages=stages)
