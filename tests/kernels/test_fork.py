@@ -40,6 +40,31 @@ def rows_equal(kv, lay, a, b):
         assert not set(ra["pages"]) & set(rb["pages"]), "a fork owns its own sub-pages"
 
 
+def continue_chunk(kv, lay, k, d, shift, L, n, slot, lp, ov):
+    """Prefill tokens [L, n) as a continuation chunk of rows (slot) holding tokens [0, L)."""
+    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    i32 = dict(dtype=torch.int32, device=kv.device)
+    n0, s = torch.tensor([L], **i32), torch.tensor([slot], **i32)
+    if shift == 1:  # the decision at L flags token L-1, pending until now
+        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(kv.device), n0, s)
+    dms_chunk_pack(kv, lay, k[L:n], k[L:n], shifted_flags(d[L:n], shift).to(kv.device),
+                   torch.tensor([0, n - L], **i32), n0, s, lp, ov)
+
+
+def assert_one_shot_rows(kit, kv, lay, k, d, shift, n, slot):
+    """Rows (slot) hold what a one-shot prefill of tokens [0, n) packs (K = V = k)."""
+    i32 = dict(dtype=torch.int32, device=kv.device)
+    one = kit.new_arena(lay, kv.device)
+    dms_prefill_pack(one, lay, k[:n], k[:n], shifted_flags(d[:n], shift).to(kv.device),
+                     torch.tensor([0, n], **i32), torch.tensor([slot], **i32),
+                     torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32))
+    for h in range(lay.num_kv_heads):
+        got, want = arena_read_row(kv, lay, slot, h), arena_read_row(one, lay, slot, h)
+        og, ow = got["pos"].argsort(), want["pos"].argsort()
+        for key in ("pos", "flag", "k", "v"):
+            assert torch.equal(got[key][og], want[key][ow]), (slot, key, h)
+
+
 @pytest.mark.parametrize("elem", [1, 2])
 def test_fork_copies_rows_and_continues_identically(kit, device, elem):
     lay, kv, lp, live, ov, g = setup(kit, device, elem=elem)
@@ -149,7 +174,6 @@ def test_decoded_rows_then_continuation_equals_one_shot(kit, device, shift):
     """The prefix-reuse hit path (vllm_dms.prefix_cache): a request prefills L0 tokens and
     decodes up to L; a follow-up prompt takes its rows and prefills [L, n) as a continuation
     chunk. The rows equal a one-shot prefill of all n tokens (positions, flags, K/V)."""
-    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
     H, D, P, W, L0, L, n = 2, 16, 4, 3, 11, 19, 33
     g = torch.Generator().manual_seed(40 + shift)
     lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
@@ -164,20 +188,9 @@ def test_decoded_rows_then_continuation_equals_one_shot(kit, device, shift):
     for q in range(L0, L):  # decode: the decision at q (shift 1: it flags q-1)
         dms_decode_store(kv, lay, k[q:q + 1], k[q:q + 1], d[q:q + 1].to(device),
                          torch.tensor([q], **i32), s, shift, lp, ov)
-    n0 = torch.tensor([L], **i32)
-    if shift == 1:
-        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(device), n0, s)
-    dms_chunk_pack(kv, lay, k[L:], k[L:], shifted_flags(d[L:], shift).to(device),
-                   torch.tensor([0, n - L], **i32), n0, s, lp, ov)
-    one = kit.new_arena(lay, device)
-    dms_prefill_pack(one, lay, k, k, shifted_flags(d, shift).to(device),
-                     torch.tensor([0, n], **i32), s, torch.zeros_like(lp), ov)
+    continue_chunk(kv, lay, k, d, shift, L, n, 2, lp, ov)
     assert int(ov[0]) == 0
-    for h in range(H):
-        got, want = arena_read_row(kv, lay, 2, h), arena_read_row(one, lay, 2, h)
-        og, ow = got["pos"].argsort(), want["pos"].argsort()
-        for key in ("pos", "flag", "k", "v"):
-            assert torch.equal(got[key][og], want[key][ow]), (key, h)
+    assert_one_shot_rows(kit, kv, lay, k, d, shift, n, 2)
 
 
 @pytest.mark.parametrize("shift", [0, 1])
@@ -185,7 +198,6 @@ def test_snapshot_pack_during_prefill_then_continue_equals_one_shot(kit, device,
     """A prefix snapshot taken while a prompt is prefilled (dms_prefill_pack with lens, into a
     cache slot, from the same chunk), continued later as a chunk, equals one-shot rows of the
     longer prompt; the request's own rows are the one-shot rows of its prompt."""
-    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
     H, D, P, W, L, n, n2 = 2, 16, 4, 3, 20, 29, 41
     g = torch.Generator().manual_seed(60 + shift)
     lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
@@ -199,20 +211,8 @@ def test_snapshot_pack_during_prefill_then_continue_equals_one_shot(kit, device,
     dms_prefill_pack(kv, lay, k[:n], k[:n], fl, cu, torch.tensor([1], **i32), lp, ov)
     dms_prefill_pack(kv, lay, k[:n], k[:n], fl, cu, torch.tensor([4], **i32), lp, ov,
                      lens=torch.tensor([L], **i32))  # snapshot of its first L tokens
-    s4, n0 = torch.tensor([4], **i32), torch.tensor([L], **i32)
-    if shift == 1:
-        dms_chunk_flag_prev(kv, lay, d[L:L + 1].to(device), n0, s4)
-    dms_chunk_pack(kv, lay, k[L:], k[L:], shifted_flags(d[L:], shift).to(device),
-                   torch.tensor([0, n2 - L], **i32), n0, s4, lp, ov)  # another prompt
+    continue_chunk(kv, lay, k, d, shift, L, n2, 4, lp, ov)  # another, longer prompt
     assert int(ov[0]) == 0
-    for slot, m in ((1, n), (4, n2)):
-        one = kit.new_arena(lay, device)
-        dms_prefill_pack(one, lay, k[:m], k[:m], shifted_flags(d[:m], shift).to(device),
-                         torch.tensor([0, m], **i32), torch.tensor([slot], **i32),
-                         torch.zeros_like(lp), ov)
-        for h in range(H):
-            got, want = arena_read_row(kv, lay, slot, h), arena_read_row(one, lay, slot, h)
-            og, ow = got["pos"].argsort(), want["pos"].argsort()
-            for key in ("pos", "flag", "k", "v"):
-                assert torch.equal(got[key][og], want[key][ow]), (slot, key, h)
+    assert_one_shot_rows(kit, kv, lay, k, d, shift, n, 1)
+    assert_one_shot_rows(kit, kv, lay, k, d, shift, n2, 4)
     kit.check_pages_conserved(kv, lay)
