@@ -8,6 +8,8 @@
 #   correct-llama-v1              the same with VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner)
 #   correct-llama-chunked         the same with --enable-chunked-prefill, 256-token chunks
 #   quality-smollm2               vllm-dms eval through dms_fp8 (needs smollm2 first)
+#   train-smollm2                 the DMS retrofit on the H200 (7 min cap), then both quality
+#                                 paths on the new checkpoint (needs smollm2 first)
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 #   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
@@ -50,6 +52,16 @@ for stage in "$@"; do
     quality-smollm2)
       $T python3 -m vllm_dms.cli eval smollm2-trained --path dms_fp8 --windows 4 \
         --window-len 512 --tag smollm2-135m --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
+    train-smollm2)
+      NEW=$HOME/models/smollm2-dms-gpu-cr8
+      timeout 480 python3 -m vllm_dms.training.train --base $HOME/models/smollm2 \
+        --out $OUT/train-cr8 --build $NEW --max-minutes 7 --log $OUT/train-smollm2-cr8.jsonl \
+        2>&1 | tail -20
+      for path in reference dms_fp8; do
+        $T python3 -m vllm_dms.cli eval $NEW --base-dir $HOME/models/smollm2 --path $path \
+          --windows 4 --window-len 512 --tag smollm2-135m --name smollm2-135m-dms-gpu-cr8 \
+          --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -8
+      done ;;
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
