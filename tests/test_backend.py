@@ -279,12 +279,13 @@ def test_builder_splits_first_and_continuation_chunks():
 
 @pytest.mark.parametrize("shift", [0, 1])
 def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
-    """A scheduler's snapshot order (request slot, L, cache slot, tag) reaches the impl through
-    DMSRuntime.order_snapshots: the cache slot's rows are the one-shot rows of the first L
-    tokens (token L-1's flag final), the request's own rows are untouched by it, and the cache
-    slot reports L tokens under its tag."""
+    """Scheduler snapshot orders (request slot, L, cache slot, tag), two for one request, reach
+    the impl through DMSRuntime.order_snapshots: each cache slot's rows are the one-shot rows
+    of the first L tokens (token L-1's flag final), the request's own rows are untouched, and
+    each cache slot reports L tokens under its tag."""
     from vllm_dms.kernels.pack import dms_prefill_pack
-    H, G, D, P, W, n, L, slot, cache, tag = 2, 2, 32, 16, 3, 21, 16, 1, 3, 5
+    H, G, D, P, W, n, slot = 2, 2, 32, 16, 3, 21, 1
+    orders = [(slot, 16, 3, 5), (slot, 9, 2, 7)]
     dms = _dms(shift, W, H, G, D)
     lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
                       max_num_seqs=3, max_model_len=64, num_blocks=0)
@@ -298,15 +299,16 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
     lane = torch.where(torch.rand(n, H, generator=g) < 0.6, 0.3, -0.2).to(torch.bfloat16)
     q[:, ::G, D - 1] = lane
     md = _meta(rt, slot, 0, n, True)
-    md.prefill_snap_len, md.prefill_snap_dst = rt.order_snapshots([(slot, L, cache, tag)],
-                                                                  md.slots)
+    md.snap_starts, md.snap_len, md.snap_dst = rt.order_snapshots(orders, md.slots,
+                                                                  md.prefill_cu)
     out = torch.empty(n, H * G * D, dtype=torch.bfloat16, device=DEV)
     impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
     impl.forward(types.SimpleNamespace(layer_name="l0"), q.reshape(n, -1).to(DEV),
                  k.reshape(n, -1).to(DEV), k.reshape(n, -1).to(DEV), kv, md, out)
     fl = shifted_flags(lane.float() > 0.05, shift)
     i32 = dict(dtype=torch.int32, device=DEV)
-    for rows, m, s in (((L, cache), fl[:L], cache), ((n, slot), fl[:n].clone(), slot)):
+    cases = [((L, c), fl[:L], c) for _, L, c, _ in orders] + [((n, slot), fl[:n].clone(), slot)]
+    for rows, m, s in cases:
         if s == slot and shift == 1:
             m[-1] = False  # the request's last flag is pending; the snapshot's L-1 is not
         one = torch.zeros_like(kv)
@@ -319,6 +321,6 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
             got, want = arena_read_row(kv, lay, s, h), arena_read_row(one, lay, s, h)
             for key in ("pos", "flag", "k", "v"):
                 assert torch.equal(got[key], want[key]), (s, key, h)
-    assert int(rt.slot_ntok[cache]) == L and int(rt.slot_tag[cache]) == tag
-    assert int(rt.snap_dst.abs().sum()) == 0, "orders last one step"
+    for _, L, c, tag in orders:
+        assert int(rt.slot_ntok[c]) == L and int(rt.slot_tag[c]) == tag
     assert int(rt.overflow[0]) == 0

@@ -230,3 +230,152 @@ def test_random_turns_keep_the_ledger_exact(dms, llama_dir):  # noqa: F811
     assert hits > 10, f"follow-up turns should hit ({hits})"
     mgr.reset_prefix_cache()
     assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
+
+
+# ------------------------------------------------------------------ end to end on CPU kernels
+class KernelWorker:
+    """Scheduler outputs -> DMSMetadata -> the real impl over real arenas (Triton interpreter).
+    q/k/v of a token are a function of (token id, position), as for a one-layer model, so a
+    prompt's prefix state is the same whichever request computed it."""
+
+    def __init__(self, lay, layers=2, H=2, G=2, D=32, vocab=64, max_len=128):
+        from vllm_dms.backend import DMSCompactAttentionImpl
+        from vllm_dms.config import DMSConfig
+        from vllm_dms.runtime import DMSRuntime
+        self.lay, self.H, self.G, self.D = lay, H, G, D
+        self.names = [f"l{i}" for i in range(layers)]
+        self.kvs = [torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8)
+                    for _ in self.names]
+        dms = DMSConfig(arch="llama", num_layers=layers, num_q_heads=H * G, num_kv_heads=H,
+                        head_dim=D, window=lay.window, alpha_scale=100.0, alpha_offset=5.0,
+                        decision_shift=1, target_cr=None, source="test")
+        self.rt = DMSRuntime(dms, lay, self.names, H * G, torch.device("cpu"))
+        self.rt.init_arenas(self.kvs)
+        self.impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
+        g = torch.Generator().manual_seed(3)
+        self.q = torch.randn(vocab, max_len, H * G, D, generator=g).to(torch.bfloat16)
+        self.q[..., ::G, D - 1] = torch.where(torch.rand(vocab, max_len, H, generator=g) < 0.6,
+                                              0.3, -0.2).to(torch.bfloat16)
+        self.k = torch.randn(vocab, max_len, H, D, generator=g).to(torch.bfloat16)
+        self.vocab, self.slot, self.outs, self.rows_after_first = vocab, {}, {}, {}
+
+    def step(self, sched, out):
+        from vllm_dms.backend import DMSMetadata
+        from vllm_dms.channel import CHANNEL
+        freed = CHANNEL.take_release()
+        if freed:
+            self.rt.release(self.kvs, freed)
+        orders = CHANNEL.take_snapshots()
+        S1, i32 = self.lay.num_slots, dict(dtype=torch.int32)
+        for r in out.scheduled_new_reqs:
+            bid = r.block_ids[0][0]
+            self.slot[r.req_id] = bid % S1
+            self.rt.slot_tag[bid % S1] = bid // S1
+        for rid, n in out.num_scheduled_tokens.items():
+            req = sched.requests[rid]
+            done = req.num_computed_tokens - n
+            slot = self.slot[rid]
+            self.rt.slot_ntok[slot] = done + n
+            s = torch.tensor([slot], **i32)
+            ids = torch.tensor(req.all_token_ids[done:done + n]) % self.vocab
+            pos = torch.arange(done, done + n)
+            q, k = self.q[ids, pos].reshape(n, -1), self.k[ids, pos].reshape(n, -1)
+            if n == 1 and done > 0:
+                md = DMSMetadata(1, 1, 1, 0, 0, s, torch.tensor([done], **i32),
+                                 torch.zeros(1, **i32), torch.zeros(0, dtype=torch.long), self.rt)
+            else:
+                cu = torch.tensor([0, n], **i32)
+                md = DMSMetadata(n, 0, 0, 1, n, s, torch.zeros(0, **i32), cu,
+                                 (cu[1:] - 1).long(), self.rt)
+                if done:  # a continuation: the rows hold tokens [0, done)
+                    md.prefill_n0 = torch.tensor([done], **i32)
+                    md.prefill_first_slots, md.prefill_cont_slots = torch.zeros(1, **i32), s
+                if orders:  # orders of other requests are skipped (not in this batch)
+                    md.snap_starts, md.snap_len, md.snap_dst = self.rt.order_snapshots(
+                        orders, s, cu)
+            outs = []
+            for name, kv in zip(self.names, self.kvs):
+                o = torch.empty(n, q.shape[1], dtype=torch.bfloat16)
+                self.impl.forward(types.SimpleNamespace(layer_name=name), q, k, k, kv, md, o)
+                outs.append(o.float())
+            self.outs.setdefault(rid, []).append((done, torch.stack(outs)))
+            self.rows_after_first.setdefault(rid, self.rows(slot))
+        assert int(self.rt.overflow[0]) == 0
+        return runner_output(sched, out, token=7)
+
+    def rows(self, slot):
+        from vllm_dms.kernels.arena_ops import arena_read_row
+        return [[(arena_read_row(kv, self.lay, slot, h)["pos"].sort().values,
+                  arena_read_row(kv, self.lay, slot, h)["flag"][
+                      arena_read_row(kv, self.lay, slot, h)["pos"].argsort()])
+                 for h in range(self.lay.num_kv_heads)] for kv in self.kvs]
+
+
+def kernel_run(dms_mod, model, caching, prompts):
+    """Each prompt is a function of the finished requests so far; returns the last request's
+    rows, its per-step outputs and how many tokens it had computed when first scheduled."""
+    spec_mod, sched_mod = dms_mod
+    vc = make_vllm_config(model, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=128,
+                          enable_prefix_caching=caching)
+    vc.cache_config.cache_dtype = "dms_fp8"
+    spec = spec_mod.DMSCompactSpec(block_size=16, num_kv_heads=2, head_size=32,
+                                   dtype=torch.uint8, dms_window=4, dms_max_num_seqs=4)
+    sched = make_scheduler(sched_mod.DMSScheduler, vc, spec, 2, 60)
+    if caching:
+        sched.dms.snapshot_stride = 16
+    worker = KernelWorker(sched.dms.layout)
+    done, first = [], {}
+    for i, make in enumerate(prompts):
+        r = request(f"r{i}", make(done), 4)
+        sched.add_request(r)
+        while sched.has_requests():
+            out = sched.schedule()
+            for n in out.scheduled_new_reqs:
+                first[n.req_id] = n.num_computed_tokens
+            sched.update_from_output(out, worker.step(sched, out))
+        done.append(r)
+    last = f"r{len(prompts) - 1}"
+    return worker.rows_after_first[last], worker.outs[last], first[last]
+
+
+def close_outputs(a, b):
+    """Per step of the last request: with reuse its prefix keys come from the FP8 arena, in one
+    shot they are the chunk's own bf16 keys, hence a tolerance; later steps read FP8 in both."""
+    tail = {done: o for done, o in b}
+    for done, o in a:
+        if done in tail:  # a decode step of both runs
+            assert (o - tail[done]).abs().max() < 3e-2, done
+    la, lb = a[0][1], b[0][1][:, -a[0][1].shape[1]:]  # the continuation's query rows
+    assert ((la - lb).norm() / lb.norm()) < 5e-2 and (la - lb).abs().max() < 0.15  # FP8 vs bf16
+
+
+def same_rows(x, y):
+    for lx, ly in zip(x, y):
+        for (px, fx), (py, fy) in zip(lx, ly):
+            assert torch.equal(px, py) and torch.equal(fx, fy)
+
+
+import types  # noqa: E402
+
+
+def test_follow_up_turn_through_the_kernels_matches_recompute(dms, llama_dir):  # noqa: F811
+    """Turn 2 takes turn 1's rows (prefix reuse) or recomputes them: same live rows and flags
+    after every token, outputs within the FP8 tolerance."""
+    prompts = [lambda done: list(range(3, 43)),
+               lambda done: list(done[0].all_token_ids) + [11, 12, 13, 14, 15]]
+    rows_on, outs_on, first_on = kernel_run(dms, llama_dir, True, prompts)
+    rows_off, outs_off, first_off = kernel_run(dms, llama_dir, False, prompts)
+    assert first_on == 40 + 4 - 1 and first_off == 0, "turn 2 starts from turn 1's rows"
+    same_rows(rows_on, rows_off)  # live sets and flags after turn 2's prompt, exactly
+    close_outputs(outs_on, outs_off)
+
+
+def test_shared_prefix_snapshot_through_the_kernels_matches_recompute(dms, llama_dir):  # noqa: F811,E501
+    """A different prompt with the same 40-token prefix starts from a snapshot (32 tokens)."""
+    prompts = [lambda done: list(range(3, 43)) + [50, 51],
+               lambda done: list(range(3, 43)) + [60, 61, 62, 63]]
+    rows_on, outs_on, first_on = kernel_run(dms, llama_dir, True, prompts)
+    rows_off, outs_off, first_off = kernel_run(dms, llama_dir, False, prompts)
+    assert first_on == 32 and first_off == 0
+    same_rows(rows_on, rows_off)
+    close_outputs(outs_on, outs_off)

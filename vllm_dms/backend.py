@@ -95,9 +95,11 @@ class DMSMetadata:
     prefill_n0: torch.Tensor | None = None           # int32 [num_prefills]: tokens in the arena
     prefill_first_slots: torch.Tensor | None = None  # int32 [num_prefills]: slot if n0 == 0 else 0
     prefill_cont_slots: torch.Tensor | None = None   # int32 [num_prefills]: slot if n0 > 0 else 0
-    # Set iff the scheduler ordered prefix snapshots this step (vllm_dms.prefix_cache).
-    prefill_snap_len: torch.Tensor | None = None     # int32 [num_prefills]: tokens to snapshot
-    prefill_snap_dst: torch.Tensor | None = None     # int32 [num_prefills]: cache slot, 0 = none
+    # Set iff the scheduler ordered prefix snapshots this step (vllm_dms.prefix_cache): one
+    # entry per order, pointing into the prefill part (see DMSRuntime.order_snapshots).
+    snap_starts: torch.Tensor | None = None  # int32 [k+1]: first token of the order's request
+    snap_len: torch.Tensor | None = None     # int32 [k]: tokens to snapshot
+    snap_dst: torch.Tensor | None = None     # int32 [k]: cache slot, 0 = skip
 
 
 def prefill_chunk_rows(slots: torch.Tensor, n0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,17 +199,17 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
             first, cont = prefill_chunk_rows(slots[nd:], n0)
         rt.slot_ntok.index_copy_(0, slots.long(), cam.seq_lens[: cam.num_reqs].to(torch.int32))
         rt.slot_ntok[0] = 0  # slot 0 is padding
-        snap_len = snap_dst = None
+        snap = (None, None, None)
         orders = CHANNEL.take_snapshots()
         if orders and npf:  # only first chunks get orders (the scheduler's rule)
-            snap_len, snap_dst = rt.order_snapshots(orders, slots[nd:])
+            snap = rt.order_snapshots(orders, slots[nd:], prefill_cu)
         return DMSMetadata(
             num_actual_tokens=cam.num_actual_tokens, num_decodes=nd, num_decode_tokens=nd_tok,
             num_prefills=npf, max_prefill_len=max_pf, slots=slots,
             decode_pos=self._pos[:nd], prefill_cu=prefill_cu,
             prefill_last=(prefill_cu[1:] - 1).long(), runtime=rt, prefill_n0=n0,
-            prefill_first_slots=first, prefill_cont_slots=cont, prefill_snap_len=snap_len,
-            prefill_snap_dst=snap_dst)
+            prefill_first_slots=first, prefill_cont_slots=cont, snap_starts=snap[0],
+            snap_len=snap[1], snap_dst=snap[2])
 
 
 class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
@@ -280,13 +282,13 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
     def _snapshots(kv, k, v, flags, md: DMSMetadata, pages, cum=None) -> None:
         # Prefix snapshots: the first L tokens of a first chunk, packed into a cache slot as
         # their state after token L-1 (its flag is final here: the chunk holds token L).
-        if md.prefill_snap_dst is None:
+        if md.snap_dst is None:
             return
         from vllm_dms.kernels.pack import dms_prefill_pack
         rt = md.runtime
-        dms_prefill_pack(kv, rt.layout, k, v, flags, md.prefill_cu, md.prefill_snap_dst, pages,
+        dms_prefill_pack(kv, rt.layout, k, v, flags, md.snap_starts, md.snap_dst, pages,
                          rt.overflow, live=rt.slot_live, max_seqlen=md.max_prefill_len,
-                         cum=cum, lens=md.prefill_snap_len)
+                         cum=cum, lens=md.snap_len)
 
     def _chunked_prefill(self, q, k, v, dec, flags, kv, md: DMSMetadata, out, pages) -> None:
         # Continuations first see (and then update) their rows; first chunks (n0 = 0) only see

@@ -30,8 +30,6 @@ class DMSRuntime:
         self.slot_live = torch.zeros(S1, **i32)         # live rows' tokens per slot (all layers)
         self.slot_tag = torch.zeros(S1, **i32)          # owner tag each slot was last scheduled with
         self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
-        self.snap_len = torch.zeros(S1, **i32)          # per request slot: snapshot length
-        self.snap_dst = torch.zeros(S1, **i32)          # per request slot: its cache slot
         self.feedback = torch.zeros(S1, 4, **i32)       # (n_done, pages_max, live, tag) for the host
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
@@ -60,21 +58,20 @@ class DMSRuntime:
         self.slot_ntok.index_fill_(0, t.long(), 0)
 
     def order_snapshots(self, orders: list[tuple[int, int, int, int]], slots: torch.Tensor,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per prefill row (request slots ``slots``, on the GPU): (snapshot length, cache slot,
-        0 = none), from this step's orders (request slot, L, cache slot, cache tag). The cache
-        slots get their token count and owner tag, so their rows are measured like requests'.
-        No host sync: the orders go up in one small copy and are gathered by slot."""
+                        cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's snapshot orders (request slot, L, cache slot, cache tag) as a pack over
+        the prefill rows (request slots ``slots``, cu_seqlens ``cu``, on the GPU): (starts
+        [k+1], lengths [k], cache slots [k], 0 = skip). A request may have several orders. The
+        cache slots get their token count and owner tag, so their rows are measured like
+        requests'. No host sync: the orders go up in one small copy."""
         o = torch.tensor(orders, dtype=torch.int32).to(self.device, non_blocking=True)
-        req, length, dst, tag = (o[:, i].long() for i in range(4))
-        self.snap_len.index_copy_(0, req, length.int())
-        self.snap_dst.index_copy_(0, req, dst.int())
-        self.slot_ntok.index_copy_(0, dst, length.int())
-        self.slot_tag.index_copy_(0, dst, tag.int())
-        picked = self.snap_len[slots.long()], self.snap_dst[slots.long()]
-        self.snap_len.index_fill_(0, req, 0)  # one step only (the gathers above come first)
-        self.snap_dst.index_fill_(0, req, 0)
-        return picked
+        req, length, dst, tag = (o[:, i].contiguous() for i in range(4))
+        hit = slots[None, :] == req[:, None]                    # [k, rows]
+        starts = cu[:-1][hit.int().argmax(dim=1)]
+        dst = torch.where(hit.any(dim=1), dst, torch.zeros_like(dst))  # not in this batch: skip
+        self.slot_ntok.index_copy_(0, o[:, 2].long(), length)
+        self.slot_tag.index_copy_(0, o[:, 2].long(), tag)  # measured like requests' rows
+        return torch.cat([starts, starts[-1:]]), length, dst
 
     def slot_bytes(self, slot: int) -> int:
         """Arena bytes a slot holds: its sub-pages summed over layers (reads the GPU; tools only)."""
