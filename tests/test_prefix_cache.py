@@ -6,6 +6,7 @@ every block and slot is accounted for after every step. VLLM_USE_V2_MODEL_RUNNER
 test_scheduler harness).
 """
 import random
+import types
 
 import torch
 
@@ -246,10 +247,10 @@ class KernelWorker:
         self.names = [f"l{i}" for i in range(layers)]
         self.kvs = [torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8)
                     for _ in self.names]
-        dms = DMSConfig(arch="llama", num_layers=layers, num_q_heads=H * G, num_kv_heads=H,
+        cfg = DMSConfig(arch="llama", num_layers=layers, num_q_heads=H * G, num_kv_heads=H,
                         head_dim=D, window=lay.window, alpha_scale=100.0, alpha_offset=5.0,
                         decision_shift=1, target_cr=None, source="test")
-        self.rt = DMSRuntime(dms, lay, self.names, H * G, torch.device("cpu"))
+        self.rt = DMSRuntime(cfg, lay, self.names, H * G, torch.device("cpu"))
         self.rt.init_arenas(self.kvs)
         self.impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
         g = torch.Generator().manual_seed(3)
@@ -353,9 +354,6 @@ def same_rows(x, y):
     for lx, ly in zip(x, y):
         for (px, fx), (py, fy) in zip(lx, ly):
             assert torch.equal(px, py) and torch.equal(fx, fy)
-
-
-import types  # noqa: E402
 
 
 def test_follow_up_turn_through_the_kernels_matches_recompute(dms, llama_dir):  # noqa: F811
