@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _drop_carrier, _kv_byte_off, _load_kv,
+from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _load_kv,
                                         _meta_ptr, _pop, _settle, _write_kv, arena_words,
                                         check_store_args,
                                         state_word_offsets)
-from vllm_dms.kernels.prefill import LOG2E, _attend_own_keys, _online_step, survivor_index
+from vllm_dms.kernels.prefill import (LOG2E, _attend_own_keys, _online_step, _query_tile,
+                                      _store_rows, attention_tiles, survivor_index)
 
 
 # ---------------------------------------------------------------------------- flag of n0-1
@@ -97,17 +98,9 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, n0_ptr, slo
         data = arena.to(tl.pointer_type(tl.uint8))
         slot = tl.load(slots + b)
         n0 = tl.load(n0_ptr + b)
-        rr = tl.arange(0, BLOCK_R)
-        t = m_lo + rr // G          # chunk-local token of each row
-        hq = h * G + rr % G         # query head of each row
-        row_ok = (rr < TM * G) & (t < n)
-        p = n0 + t                  # absolute query position
-        dd = tl.arange(0, BLOCK_D)
-        dm = dd < D
-        tok = (start + t).to(tl.int64)
-        q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
-                    mask=row_ok[:, None] & dm[None, :], other=0.0)
-        q = _drop_carrier(q, rr % G == 0, dd, D, CARRIER)
+        q, t, hq, row_ok, tok, dd, dm = _query_tile(q_ptr, start, n, m_lo, h, sqt, sqh, G, TM,
+                                                    D, BLOCK_R, BLOCK_D, CARRIER)
+        p = n0 + t                  # absolute query position (t: chunk-local)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -132,9 +125,7 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, n0_ptr, slo
                                          t, h, dd, dm,
                                          skt, skh, svt, svh, sft, sfh, W, qk_scale,
                                          m_i, l_i, acc, TM, BLOCK_N, F32)
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
+        _store_rows(out_ptr, acc, l_i, tok, hq, row_ok, dd, dm, sot, soh)
 
 
 def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
@@ -169,12 +160,8 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
     max_seqlen = T if max_seqlen is None else max_seqlen
     if B == 0 or T == 0 or max_seqlen <= 0:
         return
-    if q.is_cuda:  # the prefill kernel's tiles (arena tiles are gathered like decode's)
-        block_r, block_n, warps = (128, 128, 8) if D <= 128 else (64, 64, 8)
-    else:  # interpreter: small tiles keep numpy fast
-        block_r, block_n, warps = 16, 16, 4
-    block_r = max(block_r, triton.next_power_of_2(G))
-    tm = block_r // G
+    # the prefill kernel's tiles (arena tiles are gathered like decode's)
+    block_r, tm, block_n, warps, stages = attention_tiles(D, G, q.is_cuda)
     o_len, o_pages = (state_word_offsets(layout)[i] for i in (2, 5))
     fl = flags.view(torch.uint8)
     surv, cum = survivor_index(flags)
@@ -185,7 +172,7 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
         H, window, layout.max_pages_per_row, scale * LOG2E,
         G=G, TM=tm, P=layout.block_size, D=D, ELEM=layout.elem_bytes, BLOCK_R=block_r,
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), F32=not q.is_cuda,
-        CARRIER=carrier, num_warps=warps, num_stages=2 if q.is_cuda else 1)
+        CARRIER=carrier, num_warps=warps, num_stages=stages)
 
 
 # ---------------------------------------------------------------------------- pack

@@ -26,8 +26,38 @@ LOG2E = 1.4426950408889634
 CUDA_TILES = {128: (128, 128, 8, 2), 256: (64, 64, 8, 2)}
 
 
-def cuda_tiles(D: int) -> tuple[int, int, int, int]:
-    return CUDA_TILES[128 if D <= 128 else 256]
+def attention_tiles(D: int, G: int, cuda: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, TM tokens per tile, BLOCK_N, warps, stages) of the prefill / chunk kernels."""
+    # interpreter: small tiles keep numpy fast
+    block_r, block_n, warps, stages = CUDA_TILES[128 if D <= 128 else 256] if cuda else \
+        (16, 16, 4, 1)
+    block_r = max(block_r, triton.next_power_of_2(G))
+    return block_r, block_r // G, block_n, warps, stages
+
+
+@triton.jit
+def _query_tile(q_ptr, start, n, m_lo, h, sqt, sqh, G: tl.constexpr, TM: tl.constexpr,
+                D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                CARRIER: tl.constexpr):
+    # TM tokens x G query heads of kv head h packed into BLOCK_R rows (token-major)
+    rr = tl.arange(0, BLOCK_R)
+    t = m_lo + rr // G          # (request-local) token of each row
+    hq = h * G + rr % G         # query head of each row
+    row_ok = (rr < TM * G) & (t < n)
+    dd = tl.arange(0, BLOCK_D)
+    dm = dd < D
+    tok = (start + t).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
+                mask=row_ok[:, None] & dm[None, :], other=0.0)
+    q = _drop_carrier(q, rr % G == 0, dd, D, CARRIER)
+    return q, t, hq, row_ok, tok, dd, dm
+
+
+@triton.jit
+def _store_rows(out_ptr, acc, l_i, tok, hq, row_ok, dd, dm, sot, soh):
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that saw no key stay 0
+    tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -107,16 +137,8 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, out_ptr,
     n = tl.load(cu + b + 1) - start
     m_lo = pid_m * TM
     if m_lo < n:
-        rr = tl.arange(0, BLOCK_R)
-        t = m_lo + rr // G          # token of each row
-        hq = h * G + rr % G         # query head of each row
-        row_ok = (rr < TM * G) & (t < n)
-        dd = tl.arange(0, BLOCK_D)
-        dm = dd < D
-        tok = (start + t).to(tl.int64)
-        q = tl.load(q_ptr + tok[:, None] * sqt + hq[:, None] * sqh + dd[None, :],
-                    mask=row_ok[:, None] & dm[None, :], other=0.0)
-        q = _drop_carrier(q, rr % G == 0, dd, D, CARRIER)
+        q, t, hq, row_ok, tok, dd, dm = _query_tile(q_ptr, start, n, m_lo, h, sqt, sqh, G, TM,
+                                                    D, BLOCK_R, BLOCK_D, CARRIER)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -124,10 +146,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, out_ptr,
                                          t, h, dd, dm,
                                          skt, skh, svt, svh, sft, sfh, W, qk_scale,
                                          m_i, l_i, acc, TM, BLOCK_N, F32)
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        tl.store(out_ptr + tok[:, None] * sot + hq[:, None] * soh + dd[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
+        _store_rows(out_ptr, acc, l_i, tok, hq, row_ok, dd, dm, sot, soh)
 
 
 def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor,
@@ -157,12 +176,7 @@ def dms_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fla
     B = cu_seqlens.shape[0] - 1
     if B <= 0 or T == 0 or max_seqlen <= 0:
         return
-    if q.is_cuda:
-        block_r, block_n, warps, stages = cuda_tiles(D)
-    else:  # interpreter: small tiles keep numpy fast
-        block_r, block_n, warps, stages = 16, 16, 4, 1
-    block_r = max(block_r, triton.next_power_of_2(G))
-    tm = block_r // G
+    block_r, tm, block_n, warps, stages = attention_tiles(D, G, q.is_cuda)
     fl = flags.view(torch.uint8)
     surv, cum = survivor_index(flags) if index is None else index
     grid = (triton.cdiv(max_seqlen, tm), B, H)
