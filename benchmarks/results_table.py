@@ -6,12 +6,22 @@ import os
 ROOT = os.path.join(os.path.dirname(__file__), "results")
 
 
+def files(kind: str):
+    """The row lists of results/<kind>-*.json, one per file, in name order."""
+    for path in sorted(glob.glob(os.path.join(ROOT, f"{kind}-*.json"))):
+        yield json.load(open(path))
+
+
+def header(*cols: str) -> None:
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
 def speed():
-    print("| model | engine | c | decode tok/s | decode x BF16 | decode x FP8 | prefill x BF16 | "
-          "KV bytes/seq | KV x less than BF16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(ROOT, "speed-*.json"))):
-        rows = [r for r in json.load(open(path)) if "c" in r]
+    header("model", "engine", "c", "decode tok/s", "decode x BF16", "decode x FP8",
+           "prefill x BF16", "KV bytes/seq", "KV x less than BF16")
+    for rows in files("speed"):
+        rows = [r for r in rows if "c" in r]
         bf16 = {(r["model"], r["c"]): r["kv_bytes_per_seq"] for r in rows
                 if r["engine"] == "vllm-bf16"}
         for r in rows:
@@ -22,31 +32,31 @@ def speed():
 
 
 def correctness():
-    print("| model | prompts x steps | greedy match | decision match | live-count match | KV bytes/seq DMS | BF16 |")
-    print("|---|---|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(ROOT, "correctness-*.json"))):
-        for r in json.load(open(path)):
+    header("model", "prompts x steps", "greedy match", "decision match", "live-count match",
+           "KV bytes/seq DMS", "BF16")
+    for rows in files("correctness"):
+        for r in rows:
             print(f"| {r['model']} | {r['prompts']} x {r['steps']} | {r['greedy_token_match']:.3f} | "
                   f"{r['decision_match']:.3f} | {r['live_count_match']:.3f} | "
                   f"{r['kv_bytes_per_seq_dms']} | {r['kv_bytes_per_seq_bf16']} |")
 
 
 def quality():
-    print("| model | path | measured compression | KLD vs no-evict | token match | PPL | PPL base |")
-    print("|---|---|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(ROOT, "quality-*.json"))):
-        for r in json.load(open(path)):
+    header("model", "path", "measured compression", "KLD vs no-evict", "token match", "PPL",
+           "PPL base")
+    for rows in files("quality"):
+        for r in rows:
             print(f"| {r['model']} | {r['path']} | {r['measured_compression']:.2f} | "
                   f"{r['kld_vs_noevict']:.3f} | {r['token_match']:.3f} | {r['ppl']:.2f} | "
                   f"{r['ppl_base']:.2f} |")
 
 
 def serve():
-    print("| model | engine | concurrency x prompts | in/out tokens | failed | output tok/s | "
-          "x BF16 | mean TTFT ms | mean TPOT ms | peak waiting | peak KV usage | GPU util |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(ROOT, "serve-*.json"))):
-        rows = [r for r in json.load(open(path)) if "output_throughput" in r]
+    header("model", "engine", "concurrency x prompts", "in/out tokens", "failed",
+           "output tok/s", "x BF16", "mean TTFT ms", "mean TPOT ms", "peak waiting",
+           "peak KV usage", "GPU util")
+    for rows in files("serve"):
+        rows = [r for r in rows if "output_throughput" in r]
         base = {r["model"]: r["output_throughput"] for r in rows if r["engine"] == "vllm-bf16"}
         for r in rows:
             x = r["output_throughput"] / base[r["model"]] if r["model"] in base else float("nan")
@@ -58,11 +68,10 @@ def serve():
 
 
 def mechanics():
-    print("| model | greedy match | decision match | mechanics token match | mechanics live match "
-          "| mechanics max logprob diff | graphs |")
-    print("|---|---|---|---|---|---|---|")
-    for path in sorted(glob.glob(os.path.join(ROOT, "correctness-*.json"))):
-        for r in json.load(open(path)):
+    header("model", "greedy match", "decision match", "mechanics token match",
+           "mechanics live match", "mechanics max logprob diff", "graphs")
+    for rows in files("correctness"):
+        for r in rows:
             if "mechanics_token_match" in r:
                 print(f"| {r['model']} | {r['greedy_token_match']:.3f} | {r['decision_match']:.4f} | "
                       f"{r['mechanics_token_match']:.3f} | {r['mechanics_live_count_match']:.3f} | "

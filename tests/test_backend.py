@@ -33,6 +33,18 @@ def _dms(shift: int, W: int, H=2, G=2, D=32) -> DMSConfig:
                      target_cr=None, source="test")
 
 
+def _arena_runtime(dms: DMSConfig, P: int, data_blocks: int):
+    """One-layer arena (3 request slots, max_model_len 64) and its DMSRuntime."""
+    H, D = dms.num_kv_heads, dms.head_dim
+    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=dms.window,
+                      max_num_seqs=3, max_model_len=64, num_blocks=0)
+    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + data_blocks})
+    kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
+    rt = DMSRuntime(dms, lay, ["l0"], dms.num_q_heads, DEV)
+    rt.init_arenas([kv])
+    return lay, kv, rt
+
+
 def _meta(rt, slot, n_done, n_new, prefill):
     i32 = dict(dtype=torch.int32, device=DEV)
     s = torch.tensor([slot], **i32)
@@ -54,12 +66,7 @@ def test_impl_prefill_then_decode_matches_reference(shift, W):
     H, G, D, P, prompt, steps, slot = 2, 2, 32, 16, 12, 6, 2
     dms = _dms(shift, W, H, G, D)
     T = prompt + steps
-    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
-                      max_num_seqs=3, max_model_len=64, num_blocks=0)
-    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 6})
-    kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
-    rt = DMSRuntime(dms, lay, ["l0"], H * G, DEV)
-    rt.init_arenas([kv])
+    lay, kv, rt = _arena_runtime(dms, P, 6)
     g = torch.Generator().manual_seed(shift * 100 + W)
     q = torch.randn(T, H * G, D, generator=g).to(torch.bfloat16)
     k = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
@@ -287,12 +294,7 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
     H, G, D, P, W, n, slot = 2, 2, 32, 16, 3, 21, 1
     orders = [(slot, 16, 3, 5), (slot, 9, 2, 7)]
     dms = _dms(shift, W, H, G, D)
-    lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=P, window=W,
-                      max_num_seqs=3, max_model_len=64, num_blocks=0)
-    lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 8})
-    kv = torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8, device=DEV)
-    rt = DMSRuntime(dms, lay, ["l0"], H * G, DEV)
-    rt.init_arenas([kv])
+    lay, kv, rt = _arena_runtime(dms, P, 8)
     g = torch.Generator().manual_seed(70 + shift)
     q = torch.randn(n, H * G, D, generator=g).to(torch.bfloat16)
     k = torch.randn(n, H, D, generator=g).to(torch.bfloat16)

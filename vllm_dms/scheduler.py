@@ -255,14 +255,15 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
     def free(self, request: Request) -> None:
         rid = request.request_id
         slot = self._slot_of.get(rid)
-        measured = self._measured(request, slot)
+        keep = slot is not None and self._cacheable(request)
+        measured = self._measured(request, slot) if keep else None  # (it reads _hint)
         held = self._held.pop(rid, None) or []
         self.num_held -= len(held)
         self._slot_of.pop(rid, None)
         self._blocks_of.pop(rid, None)
         self._pending.pop(rid, None)
         self._hint.pop(rid, None)
-        if slot is not None and self._cacheable(request):
+        if keep:
             # Its rows hold the DMS state of its first L tokens: keep them for a prompt that
             # starts with exactly those tokens (async: an already enqueued step may still add
             # token L-1; num_computed_tokens counts it, so the rows and L agree).
