@@ -296,14 +296,18 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         from vllm_dms.kernels.pack import dms_prefill_pack
         from vllm_dms.kernels.chunked import (dms_chunk_attention, dms_chunk_flag_prev,
                                               dms_chunk_pack)
+        from vllm_dms.kernels.prefill import survivor_index
         rt = md.runtime
+        index = survivor_index(flags)  # shared by the attention and both first-chunk packs
         dms, layout, n0, cont = rt.dms, rt.layout, md.prefill_n0, md.prefill_cont_slots
         if dms.decision_shift == 1:  # each chunk's first decision flags the arena's last token
             dms_chunk_flag_prev(kv, layout, dec[md.prefill_cu[:-1].long()], n0, cont)
         dms_chunk_attention(q, k, v, flags, md.prefill_cu, n0, cont, kv, layout, dms.window,
-                            self.scale, out, max_seqlen=md.max_prefill_len, carrier=True)
+                            self.scale, out, max_seqlen=md.max_prefill_len, carrier=True,
+                            index=index)
         dms_prefill_pack(kv, layout, k, v, flags, md.prefill_cu, md.prefill_first_slots, pages,
-                         rt.overflow, live=rt.slot_live, max_seqlen=md.max_prefill_len)
-        self._snapshots(kv, k, v, flags, md, pages)
+                         rt.overflow, live=rt.slot_live, max_seqlen=md.max_prefill_len,
+                         cum=index[1])
+        self._snapshots(kv, k, v, flags, md, pages, index[1])
         dms_chunk_pack(kv, layout, k, v, flags, md.prefill_cu, n0, cont, pages, rt.overflow,
                        live=rt.slot_live)

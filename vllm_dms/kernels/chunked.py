@@ -132,7 +132,8 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
                         cu_seqlens: torch.Tensor, n0: torch.Tensor, slots: torch.Tensor,
                         kv_layer: torch.Tensor, layout: ArenaLayout, window: int, scale: float,
                         out: torch.Tensor, max_seqlen: int | None = None,
-                        carrier: bool = False) -> None:
+                        carrier: bool = False,
+                        index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of each chunk's queries over its arena rows plus the chunk itself; writes out.
 
     q, out [T, Hq, D], k/v [T, H, D]: bf16, last dim contiguous. flags [T, H] bool: the flag
@@ -140,6 +141,7 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
     (tokens already in the arena; 0 = first chunk: chunk keys only); slots int32 [B] (<=0:
     chunk keys only). max_seqlen: host bound on chunk lengths (sizes the grid; default T).
     carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions; read as 0.
+    index: survivor_index(flags), when the caller already has it (the packs use it too).
     """
     words = arena_words(kv_layer, layout)
     T, Hq, D = q.shape
@@ -164,7 +166,7 @@ def dms_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags
     block_r, tm, block_n, warps, stages = attention_tiles(D, G, q.is_cuda)
     o_len, o_pages = (state_word_offsets(layout)[i] for i in (2, 5))
     fl = flags.view(torch.uint8)
-    surv, cum = survivor_index(flags)
+    surv, cum = survivor_index(flags) if index is None else index
     _chunk_attn_kernel[(triton.cdiv(max_seqlen, tm), B, H)](
         q, k, v, fl, surv, cum, T, cu_seqlens, n0, slots, words, o_len, o_pages, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
