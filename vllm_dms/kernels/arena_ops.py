@@ -197,6 +197,17 @@ def _pop(free_top, n):
 
 
 @triton.jit
+def _take_pages(arena, o_stack, o_pages, rh, MAXP, old, npg, BLOCK_PG: tl.constexpr):
+    # after a successful _pop(npg) that returned `old`: free_stack[old-npg, old) become the
+    # first npg entries of row rh's page table (an empty row's)
+    pp = tl.arange(0, BLOCK_PG)
+    for p0 in range(0, npg, BLOCK_PG):
+        pm = p0 + pp < npg
+        ids = tl.load(arena + o_stack + old - npg + p0 + pp, mask=pm)
+        tl.store(arena + o_pages + rh * MAXP + p0 + pp, ids, mask=pm)
+
+
+@triton.jit
 def _settle(free_top, nprog):
     # Every program of a popping launch ends here; the last one repays the failed pops' debt
     # (free_top[2] counts finished programs; acq_rel atomics order the debt before the count).

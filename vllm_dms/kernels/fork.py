@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import _check, _pop, _settle, arena_words, state_word_offsets
+from vllm_dms.kernels.arena_ops import (_check, _pop, _settle, _take_pages, arena_words,
+                                        state_word_offsets)
 
 
 @triton.jit
@@ -38,11 +39,7 @@ def _reserve_kernel(arena, o_top, o_stack, o_len, o_npg, o_ring, o_pages, src, d
         if ok == 0:  # the row stays empty; the copy sees too few pages and skips it
             tl.store(overflow, 1)
         else:
-            pp = tl.arange(0, BLOCK_PG)
-            for p0 in range(0, npg, BLOCK_PG):
-                pm = p0 + pp < npg
-                ids = tl.load(arena + o_stack + old - npg + p0 + pp, mask=pm)
-                tl.store(arena + o_pages + rd * MAXP + p0 + pp, ids, mask=pm)
+            _take_pages(arena, o_stack, o_pages, rd, MAXP, old, npg, BLOCK_PG)
             ww = tl.arange(0, BLOCK_W)
             wm = ww < W + 1
             ring = tl.load(arena + o_ring + rs * (W + 1) + ww, mask=wm)

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _meta_ptr, _pop, _settle, _write_kv,
-                                        check_store_args, state_word_offsets)
+from vllm_dms.kernels.arena_ops import (FLAG_BIT, _check, _meta_ptr, _pop, _settle, _take_pages,
+                                        _write_kv, check_store_args, state_word_offsets)
 from vllm_dms.kernels.prefill import survivor_index
 
 
@@ -63,11 +63,7 @@ def _reserve_kernel(arena, o_top, o_stack, o_len, o_npg, o_pages, cum, T, cu, le
             tl.store(overflow, 1)
         else:
             rh = slot * H + h
-            pp = tl.arange(0, BLOCK_PG)
-            for p0 in range(0, npg, BLOCK_PG):
-                pm = p0 + pp < npg
-                ids = tl.load(arena + o_stack + old - npg + p0 + pp, mask=pm)
-                tl.store(arena + o_pages + rh * MAXP + p0 + pp, ids, mask=pm)
+            _take_pages(arena, o_stack, o_pages, rh, MAXP, old, npg, BLOCK_PG)
             tl.store(arena + o_len + rh, n_keep)
             tl.store(arena + o_npg + rh, npg)
             tl.atomic_add(layer_pages + slot, npg)
