@@ -26,13 +26,14 @@ class Worker:
     def __init__(self, mgr):
         self.mgr, self.lay = mgr, mgr.layout
         self.slot, self.tag, self.n = {}, {}, {}
-        self.released, self.first_computed, self.orders = [], {}, []
+        self.released, self.first_computed, self.orders, self.forks = [], {}, [], []
         self.live = dms_live_8x(W)
 
     def step(self, sched, out):
         from vllm_dms.channel import CHANNEL
         self.released += CHANNEL.take_release()
         orders = CHANNEL.take_snapshots()
+        forks = CHANNEL.take_forks()
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)
         S1 = self.lay.num_slots
@@ -45,6 +46,12 @@ class Worker:
             if rid in c.resumed_req_ids:
                 bid = c.new_block_ids[i][0][0]
                 self.slot[rid], self.tag[rid] = bid % S1, bid // S1
+        cached = {e.slot: e for e in self.mgr.cache.entries()}
+        for src, dst in forks:  # a snapshot's rows copied into a hitting request's own slot
+            assert cached[src].shared and src not in self.slot.values() and dst != src
+            rid = next(r for r, s in self.slot.items() if s == dst)
+            assert self.first_computed[rid] == len(cached[src].tokens)
+            self.forks.append((rid, len(cached[src].tokens)))
         H, P = self.lay.num_kv_heads, self.lay.block_size
         first = {self.slot[r.req_id]: r for r in out.scheduled_new_reqs
                  if r.num_computed_tokens == 0}
@@ -188,9 +195,19 @@ def test_snapshot_of_a_shared_prefix_serves_a_different_prompt(dms, llama_dir): 
     (new,) = out.scheduled_new_reqs
     snap32 = next(c for r, L, c in worker.orders if L == 32)
     assert new.num_computed_tokens == 32 and out.num_scheduled_tokens["b"] == 47 - 32
-    assert new.block_ids[0][0] % mgr.layout.num_slots == snap32, "b took the 32-token snapshot"
+    assert new.block_ids[0][0] % mgr.layout.num_slots != snap32, "b has a slot of its own"
+    assert CHANNEL.forks == [(snap32, new.block_ids[0][0] % mgr.layout.num_slots)]
+    assert mgr.cache.oldest() is not None and all(
+        e.pinned == (e.slot == snap32) for e in mgr.cache.entries()), "pinned while copied"
+    sched.update_from_output(out, worker.step(sched, out))
+    assert worker.forks == [("b", 32)]
+    run(sched, worker, check=lambda: invariants(mgr))
+    sched.add_request(request("c", system + [3] * 4, 3))  # the snapshot is still there
+    out = sched.schedule()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 32
     sched.update_from_output(out, worker.step(sched, out))
     run(sched, worker, check=lambda: invariants(mgr))
+    assert worker.forks == [("b", 32), ("c", 32)]
     mgr.reset_prefix_cache()
     assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
 
@@ -266,6 +283,9 @@ class KernelWorker:
         freed = CHANNEL.take_release()
         if freed:
             self.rt.release(self.kvs, freed)
+        forks = CHANNEL.take_forks()
+        if forks:
+            self.rt.fork(self.kvs, forks)
         orders = CHANNEL.take_snapshots()
         S1, i32 = self.lay.num_slots, dict(dtype=torch.int32)
         for r in out.scheduled_new_reqs:

@@ -18,8 +18,9 @@ inside the attention op (ordered, graph- and compile-safe). The decode store dec
 its kernel; every attention kernel reads the lane as 0 (``carrier=True``), so q is never copied.
 The builder also posts the last step's feedback to the host ring (``runtime.post``): inside a
 replayed CUDA graph only its device half runs.
-A request that takes a prefix entry (``vllm_dms.prefix_cache``) arrives with its slot's rows
-already holding its first tokens: it is simply a continuation chunk.
+A request that takes a prefix entry (``vllm_dms.prefix_cache``), or hits a snapshot whose rows
+the build copies into its slot first (``runtime.fork``), arrives with its slot's rows already
+holding its first tokens: it is simply a continuation chunk.
 """
 from __future__ import annotations
 
@@ -178,6 +179,9 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         freed = CHANNEL.take_release()  # last step's finished/preempted slots, before any pack
         if freed:
             rt.release(self._kv_layers(), freed)
+        forks = CHANNEL.take_forks()  # prefix hits on snapshots: copy rows into empty slots
+        if forks:
+            rt.fork(self._kv_layers(), forks)
         nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
         qsl_cpu = cam.query_start_loc_cpu
         n = cam.num_reqs

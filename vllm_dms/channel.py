@@ -20,6 +20,9 @@ locking is needed; what can race is a device-to-host copy still landing, handled
 * ``measured``: the ``[S1, 2]`` view ``feedback[:, :2]``; the scheduler trusts a row only if its
   tag is the slot's current generation and ``0 <= n_done <= num_computed_tokens`` (a lagging
   row; ``INVALID`` never qualifies). ``live`` feeds only the metrics.
+* ``forks``: (cache slot, request slot) pairs: copy the rows of a prefix snapshot into the empty
+  rows of a request that hit it, at the start of the worker's next step (after ``release``,
+  before any kernel of the step), so the snapshot stays shared.
 * ``overflow``: set by the worker when a kernel hit its capacity check (the ledger was violated).
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ class DMSChannel:
         # (request slot, L, cache slot, cache tag): pack the first L tokens of that request's
         # first prefill chunk, this step, into the cache slot (a prefix snapshot)
         self.snapshots: list[tuple[int, int, int, int]] = []
+        self.forks: list[tuple[int, int]] = []  # (cache slot, request slot): copy the rows
         self.overflow: bool = False
         self._reset_buffers()
 
@@ -151,10 +155,16 @@ class DMSChannel:
         out, self.snapshots = self.snapshots, []
         return out
 
+    def take_forks(self) -> list[tuple[int, int]]:
+        """Worker side: drain this step's fork orders."""
+        out, self.forks = self.forks, []
+        return out
+
     def reset(self) -> None:
         """Forget everything: a new engine in this process (DMSKVCacheManager), or a test."""
         self.release = []
         self.snapshots = []
+        self.forks = []
         self.overflow = False
         self._reset_buffers()
 

@@ -15,7 +15,11 @@ request's first prefill chunk is scheduled, the scheduler also orders up to MAX_
 of its first L tokens (L a multiple of SNAPSHOT_STRIDE) into spare slots, from the same chunk
 (``dms_prefill_pack(lens=...)``). A snapshot is an entry that becomes matchable at the next
 schedule (its rows are written by the step that orders it); it is reserved at the dense bound
-for L tokens, only if that much is free, and shrunk to its measured size once reported.
+for L tokens, only if that much is free, and shrunk to its measured size once reported. A hit
+on a snapshot is not taken but *forked*: the request gets a slot and blocks of its own and the
+worker copies the snapshot's rows into them before the step (``CHANNEL.forks``,
+``kernels/fork.py``), so every prompt that shares the prefix reuses it; the snapshot is pinned
+(not evictable) until that copy has run. Only when no other slot can be had is it taken.
 Design notes: benchmarks/PREFIX_CACHING_DESIGN.md.
 """
 from __future__ import annotations
@@ -41,6 +45,12 @@ class Entry:
     held: list[Any]                    # the ledger blocks (vLLM KVCacheBlock) of those rows
     measured: tuple[int, int] | None   # (n_done, pages_max) last reported for the rows
     ready: bool = True                 # False: a snapshot whose rows this step still writes
+    shared: bool = False               # a snapshot: a hit copies its rows (fork), it stays
+    pinned: bool = False               # a fork reads its rows this step: not evictable
+
+    @property
+    def evictable(self) -> bool:
+        return self.ready and not self.pinned
 
 
 class PrefixStore:
@@ -93,9 +103,10 @@ class PrefixStore:
     def touch(self, e: Entry) -> None:
         self._lru.move_to_end(e.slot)
 
-    def oldest(self) -> Entry | None:
-        """The least recently used entry that may be evicted (never one still being written)."""
-        return next((e for e in self._lru.values() if e.ready), None)
+    def oldest(self, keep: Entry | None = None) -> Entry | None:
+        """The least recently used entry that may be evicted (never one still being written or
+        read this step, never ``keep``)."""
+        return next((e for e in self._lru.values() if e.evictable and e is not keep), None)
 
     def entries(self) -> list[Entry]:
         return list(self._lru.values())
@@ -155,7 +166,7 @@ class PrefixEntries:
             gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
             CHANNEL.invalidate(slot)
             self.cache.put(Entry(slot, key, self.block_pool.get_new_blocks(need), None,
-                                 ready=False))
+                                 ready=False, shared=True))
             CHANNEL.snapshots.append((self._slot_of[request.request_id], L, slot, gen))
 
     def refresh_entries(self) -> None:
@@ -163,13 +174,19 @@ class PrefixEntries:
         if self.cache is None:
             return
         for e in self.cache.entries():
-            e.ready = True
+            e.ready, e.pinned = True, False  # last step wrote the snapshots and ran the forks
             if e.measured is None:
                 row = self._row(e.slot)
                 if row is not None and row[0] == len(e.tokens):
                     e.measured = (row[0], row[1])
                     keep = self.layout.reservation_blocks(row[0], e.measured)
                     self.cache.shrink(e, keep, self.block_pool)
+
+    def _fork_from(self, entry: Entry | None) -> bool:
+        """Copy a snapshot hit into a slot of the request's own, so the snapshot stays for the
+        next prompt that shares it; only if a slot can be had without evicting it."""
+        return (entry is not None and entry.shared
+                and (bool(self._free_slots) or self.cache.oldest(entry) is not None))
 
     def _evict(self, e: Entry) -> None:
         self.cache.remove(e)
@@ -181,7 +198,7 @@ class PrefixEntries:
         ``blocks`` are free or no entry is left."""
         free = self.block_pool.get_num_free_blocks()
         while free < blocks and self.cache:
-            victim = next((e for e in self.cache.entries() if e is not keep and e.ready), None)
+            victim = self.cache.oldest(keep)
             if victim is None:
                 break
             self._evict(victim)

@@ -57,6 +57,16 @@ class DMSRuntime:
             dms_release(kv, self.layout, t, self.layer_pages[i], live=self.slot_live)
         self.slot_ntok.index_fill_(0, t.long(), 0)
 
+    def fork(self, kv_layers: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+        """Copy the rows of each (source, destination) slot pair in every layer (prefix forks;
+        the destinations are empty: released earlier in this step or never used)."""
+        from vllm_dms.kernels.fork import dms_fork_rows
+        t = torch.tensor(pairs, dtype=torch.int32).to(self.device, non_blocking=True)
+        src, dst = t[:, 0].contiguous(), t[:, 1].contiguous()
+        for i, kv in enumerate(kv_layers):
+            dms_fork_rows(kv, self.layout, src, dst, self.layer_pages[i], self.overflow,
+                          live=self.slot_live)
+
     def order_snapshots(self, orders: list[tuple[int, int, int, int]], slots: torch.Tensor,
                         cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's snapshot orders (request slot, L, cache slot, cache tag) as a pack over

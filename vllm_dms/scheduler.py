@@ -201,7 +201,8 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         rid = request.request_id
         slot = self._slot_of.get(rid)
         entry = self._hit_for(request, num_new_computed_tokens, slot)
-        held = list(entry.held) if entry is not None else self._held.get(rid, [])
+        fork = self._fork_from(entry)  # a snapshot: copy its rows, leave it for the next hit
+        held = [] if fork else list(entry.held) if entry is not None else self._held.get(rid, [])
         measured = entry.measured if entry is not None else self._measured(request, slot)
         before = 0 if entry is not None else len(held)
         # Same watermark rule as the stock manager: only for admissions next to running work.
@@ -223,17 +224,21 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         if want > self._room(want + reserved_blocks, keep=entry) - reserved_blocks:
             return None
         new = slot is None
-        if new and entry is not None:  # take the entry: its slot, rows and blocks
+        if new and entry is not None and not fork:  # take the entry: its slot, rows, blocks
             slot = self.cache.remove(entry).slot
-            del self._pending[rid]
-            if entry.measured is not None:
-                self._hint[rid] = entry.measured
         elif new:
-            if not self._free_slots and self.cache and self.cache.oldest() is not None:
-                self._evict(self.cache.oldest())  # running <= max_num_seqs: an entry has one
+            if not self._free_slots and self.cache and self.cache.oldest(entry) is not None:
+                self._evict(self.cache.oldest(entry))  # running <= max_num_seqs: one exists
             if not self._free_slots:
                 return None  # unreachable while len(running) <= max_num_seqs
             slot = heapq.heappop(self._free_slots)
+        if new and entry is not None:
+            del self._pending[rid]
+            if entry.measured is not None:
+                self._hint[rid] = entry.measured  # the rows' size until the slot reports
+            if fork:  # the worker copies the rows before this step's kernels
+                entry.pinned = True
+                CHANNEL.forks.append((entry.slot, slot))
         if new:
             self._slot_of[rid] = slot
             gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
@@ -309,6 +314,8 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
     def reset_prefix_cache(self) -> bool:
         # Drop every entry (a snapshot still being written goes at the next reset); like the
         # stock pool, report success only once no request holds KV.
+        for e in self.cache.entries() if self.cache else ():
+            e.pinned = False  # forks ordered by past schedules have run (each step builds first)
         while self.cache and self.cache.oldest() is not None:
             self._evict(self.cache.oldest())
         ok = self.num_held == 0
