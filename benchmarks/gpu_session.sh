@@ -14,6 +14,7 @@
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 #   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
 #   serve-prefix-llama            vllm bench serve, shared 4096-token prefix, caching off vs on
+#   chunked-prefix-gpu            GPU tests: chunked prefill vs one-shot, 4K shared prefix
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
 set -uo pipefail
 export VLLM_DMS_TEXT_DIR=$PWD/.gpu/texts VLLM_DMS_CACHE=$HOME/.cache/vllm_dms
@@ -82,6 +83,9 @@ for stage in "$@"; do
       $T python3 benchmarks/multiturn_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
         --name llama-3.2-1b --out-dir $OUT 2>&1 | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" \
         | tee $OUT/multiturn-llama.log | tail -20 ;;
+    chunked-prefix-gpu)
+      $T python3 -m pytest -q -m gpu tests/reliability/test_gpu_chunked_prefix.py \
+        -p no:cacheprovider 2>&1 | tee $OUT/chunked-prefix-gpu.log | tail -15 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
