@@ -38,21 +38,33 @@ def sim_model_dir(root: Path) -> str:
     return str(d)
 
 
+def random_llama(hf: dict, seed: int = 0) -> LlamaForCausalLM:
+    """The fixture's Llama in fp32, weights ~ N(0, 1/fan_in) (lanes cross the threshold both
+    ways), lm_head x3 (peaky logits: greedy margins well above bf16 noise)."""
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in hf.items() if not k.startswith("dms_")}))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+        m.lm_head.weight.mul_(3.0)
+    return m.float().eval()
+
+
+def write_checkpoint(root: Path, seed: int = 0) -> str:
+    """The random model as a bf16 safetensors checkpoint with the fixture's DMS fields."""
+    d = Path(sim_model_dir(root))
+    random_llama(json.loads(FIXTURE.read_text()), seed).to(torch.bfloat16).save_pretrained(d)
+    shutil.copy(FIXTURE, d / "config.json")  # save_pretrained drops the dms_* fields
+    return str(d)
+
+
 class SimModel:
-    """Tiny random Llama in fp32 (weights ~ N(0, 1/fan_in), so lanes cross the threshold both
-    ways and logits are not flat); attention is a callable, engine or reference."""
+    """Tiny random Llama (``random_llama``); attention is a callable, engine or reference."""
 
     def __init__(self, model_dir: str, seed: int = 0, max_len: int = 2048):
-        hf = json.loads(Path(model_dir, "config.json").read_text())
         self.dms = DMSConfig.from_checkpoint(model_dir)
-        torch.manual_seed(seed)
-        self.m = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in hf.items()
-                                                 if not k.startswith("dms_")})).float().eval()
-        with torch.no_grad():
-            for name, p in self.m.named_parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, p.shape[1] ** -0.5)
-            self.m.lm_head.weight.mul_(3.0)  # peaky logits: greedy margins well above bf16 noise
+        self.m = random_llama(json.loads(Path(model_dir, "config.json").read_text()), seed)
         self.cos, self.sin = _rope_cos_sin(self.m, max_len, "cpu")
 
     def qkv(self, li: int, x: torch.Tensor, pos: torch.Tensor):
