@@ -52,8 +52,8 @@ def random_prompts(n, length, seed):
 
 
 def engine(model, groups, n, **kw):
-    env = {"VLLM_USE_V2_MODEL_RUNNER": "0", "TRITON_INTERPRET": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    import cpu_engine
+    env = {**cpu_engine.ENV, "VLLM_USE_V2_MODEL_RUNNER": "0"}
     args = dict(model=model, groups=groups, n=n, tests=str(TESTS),
                 kw={**KW, "disable_log_stats": False, **kw})
     return run_py(ENGINE, args, env=env, timeout=1200)

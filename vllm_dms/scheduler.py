@@ -227,8 +227,9 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         if new and entry is not None and not fork:  # take the entry: its slot, rows, blocks
             slot = self.cache.remove(entry).slot
         elif new:
-            if not self._free_slots and self.cache and self.cache.oldest(entry) is not None:
-                self._evict(self.cache.oldest(entry))  # running <= max_num_seqs: one exists
+            victim = self.cache.oldest(entry) if self.cache and not self._free_slots else None
+            if victim is not None:
+                self._evict(victim)  # running <= max_num_seqs: an entry holds a slot
             if not self._free_slots:
                 return None  # unreachable while len(running) <= max_num_seqs
             slot = heapq.heappop(self._free_slots)
