@@ -29,7 +29,8 @@ SCENARIOS = {
     "plain_fp8": dict(model=PLAIN, kv_cache_dtype="fp8"),
     "nvidia": dict(model=NV, **DMS),
     "fastdms": dict(model=FAST, **DMS),
-    "long_ctx": dict(model=NV, hf_overrides={"max_position_embeddings": 32768}, **DMS),
+    "long_ctx": dict(model=NV, hf_overrides={"max_position_embeddings": 32768},
+                     enable_chunked_prefill=False, **DMS),
     "explicit_off": dict(model=NV, enable_prefix_caching=False, enable_chunked_prefill=False,
                          async_scheduling=False, attention_backend="CUSTOM",
                          max_num_batched_tokens=4096, **DMS),
@@ -47,8 +48,13 @@ SCENARIOS = {
     "skip_layers": dict(model=NV, kv_cache_dtype_skip_layers=["0"], **DMS),
     "offload": dict(model=NV, kv_offloading_size=1.0, **DMS),
     "scheduler_cls": dict(model=NV, scheduler_cls="my.Scheduler", **DMS),
-    "small_budget": dict(model=NV, max_num_batched_tokens=512, max_model_len=1024, **DMS),
-    "budget_no_len": dict(model=NV, max_num_batched_tokens=512, **DMS),
+    "small_budget": dict(model=NV, max_num_batched_tokens=512, max_model_len=1024,
+                         enable_chunked_prefill=False, **DMS),
+    "small_budget_chunked": dict(model=NV, max_num_batched_tokens=512, max_model_len=1024,
+                                 **DMS),
+    "budget_no_len": dict(model=NV, max_num_batched_tokens=512, enable_chunked_prefill=False,
+                          **DMS),
+    "budget_no_len_chunked": dict(model=NV, max_num_batched_tokens=512, **DMS),
     "no_dms_fields": dict(model=PLAIN, **DMS),
     "separate_alpha": dict(model=os.path.join(FIX, "ckpt_separate_alpha"), **DMS),
     # Set after EngineArgs() (offline, __post_init__ would fail resolving an uncached hub id).
@@ -166,12 +172,12 @@ def test_dms_fp8_config(runs):
         c = ok(runs[0][name])
         assert c["dtype"] == "dms_fp8"
         assert c["backend"] == "AttentionBackendEnum.CUSTOM"
-        assert c["prefix"] is False and c["chunked"] is False
+        assert c["prefix"] is True and c["chunked"] is True  # vLLM's defaults, as stock
+        assert c["mnbt"] == ok(runs[0]["plain_auto"])["mnbt"]  # vLLM's token budget, not raised
         # async scheduling is vLLM's call (its CPU platform turns it off); the scheduler follows
         assert c["sched_cls"] == ("vllm_dms.scheduler.DMSAsyncScheduler" if c["async_"]
                                   else "vllm_dms.scheduler.DMSScheduler")
         assert c["archs"] == [arch] and c["hf_archs"] == [arch]
-        assert c["mnbt"] >= c["max_model_len"]
 
 
 def test_dms_fp8_keeps_vllms_default_model_runner(runs):
@@ -182,13 +188,15 @@ def test_dms_fp8_keeps_vllms_default_model_runner(runs):
         assert c["v2_model"] is True and c["v2_unsupported"] == [], c
 
 
-def test_one_log_line_names_what_was_switched_off(runs):
+def test_one_log_line_says_what_is_on(runs):
     logs = runs[0]["nvidia"]["logs"]
     assert len(logs) == 1, logs
-    assert all(s in logs[0] for s in ("prefix caching", "chunked prefill"))
-    assert "async scheduling" not in logs[0]  # left on (vLLM's default): the channel is a ring
-    assert "switched off" in runs[0]["explicit_off"]["logs"][0]
-    assert "DMS): none" in runs[0]["explicit_off"]["logs"][0]
+    c = ok(runs[0]["nvidia"])
+    assert f"chunked prefill on (max_num_batched_tokens={c['mnbt']})" in logs[0], logs[0]
+    assert "prefix caching on" in logs[0] and "DMSQwen3ForCausalLM" in logs[0], logs[0]
+    assert f"async scheduling {'on' if c['async_'] else 'off'}" in logs[0], logs[0]
+    (off,) = runs[0]["explicit_off"]["logs"]
+    assert "chunked prefill off, prefix caching off, async scheduling off" in off, off
 
 
 def test_token_budget_raised_to_max_model_len_when_default(runs):
@@ -205,7 +213,12 @@ def test_explicit_prefix_caching_is_accepted(runs, name):
 def test_explicit_chunked_prefill_is_accepted_with_a_small_budget(runs):
     c = ok(runs[0]["chunked_prefill"])  # opt-in: the continuation-chunk kernels take over
     assert c["chunked"] is True and c["mnbt"] == 512 < c["max_model_len"]
-    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS") and c["prefix"] is False
+    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS") and c["prefix"] is True
+
+
+def test_small_budget_is_accepted_with_chunked_prefill_by_default(runs):
+    c = ok(runs[0]["small_budget_chunked"])
+    assert c["chunked"] is True and c["mnbt"] == 512 and c["max_model_len"] == 1024
 
 
 def test_explicitly_off_is_accepted(runs):
@@ -235,8 +248,8 @@ def test_explicit_unsupported_flag_rejected(runs, name, flag):
 
 @pytest.mark.parametrize("name", ["async", "cli_async"])
 def test_explicit_async_scheduling_is_accepted(runs, name):
-    c = ok(runs[0][name])  # default stays off (test_dms_fp8_config); asking for it is accepted
-    assert c["prefix"] is False and c["chunked"] is False
+    c = ok(runs[0][name])  # asking for it explicitly is accepted
+    assert c["prefix"] is True and c["chunked"] is True
     # vLLM's CPU platform turns async off again here; the scheduler follows what vLLM resolved.
     want = "DMSAsyncScheduler" if c["async_"] else "DMSScheduler"
     assert c["sched_cls"] == f"vllm_dms.scheduler.{want}"
@@ -251,8 +264,9 @@ def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch
     monkeypatch.setattr(validation, "install_frontend_check", lambda: None)
     sc = NS(enable_chunked_prefill=False, async_scheduling=async_, max_num_batched_tokens=4096,
             scheduler_cls=None)
-    vc = NS(scheduler_config=sc, cache_config=NS(enable_prefix_caching=False),
-            attention_config=NS(backend=NS(name="CUSTOM")), model_config=NS(max_model_len=4096))
+    vc = NS(scheduler_config=sc, cache_config=NS(enable_prefix_caching=False, block_size=64),
+            attention_config=NS(backend=NS(name="CUSTOM")),
+            model_config=NS(max_model_len=4096, architectures=["DMSLlamaForCausalLM"]))
     engine._finish_dms(vc)
     assert sc.scheduler_cls == f"vllm_dms.scheduler.{cls}"
     from vllm_dms import scheduler
@@ -272,9 +286,9 @@ def test_bad_checkpoint_rejected_naming_field(runs, name, needles):
 
 
 def test_serve_cli_defaults_are_not_explicit(runs):
-    for name in ("cli_default", "cli_no_prefix"):
+    for name, prefix in (("cli_default", True), ("cli_no_prefix", False)):
         c = ok(runs[0][name])
-        assert c["prefix"] is False and c["chunked"] is False and c["async_"] is False
+        assert c["prefix"] is prefix and c["chunked"] is True and c["async_"] is False
         assert c["backend"] == "AttentionBackendEnum.CUSTOM"
 
 
@@ -308,6 +322,8 @@ def test_budget_below_max_model_len_without_explicit_len_rejected(runs):
     # max_model_len is only known inside vLLM here; its own SchedulerConfig check rejects it.
     res = runs[0]["budget_no_len"]
     assert "error" in res and "max_num_batched_tokens (512)" in res["msg"], res
+    c = ok(runs[0]["budget_no_len_chunked"])  # chunked prefill on (the default): accepted
+    assert c["chunked"] is True and c["mnbt"] == 512 < c["max_model_len"]
 
 
 def test_check_refuses_other_signature(monkeypatch):

@@ -71,8 +71,9 @@ def scenarios(tmp):
         ("r3_arch_auto", dict(model=f("ckpt_unsupported_arch")), None),
         # row 8
         ("r8_small_budget", dict(model=NV, max_num_batched_tokens=512, max_model_len=1024,
-                                 **DMS), None),
-        ("r8_budget_no_len", dict(model=NV, max_num_batched_tokens=512, **DMS), None),
+                                 enable_chunked_prefill=False, **DMS), None),
+        ("r8_budget_no_len", dict(model=NV, max_num_batched_tokens=512,
+                                  enable_chunked_prefill=False, **DMS), None),
         ("r8_budget_ok", dict(model=NV, max_num_batched_tokens=1024, max_model_len=1024,
                               **DMS), None),
     ]
@@ -209,17 +210,17 @@ def test_r7_explicit_async_scheduling_accepted(runs):
 
 
 def test_r7_explicit_prefix_caching_accepted(runs):
-    res = runs[0]["r7_prefix_ok"]  # opt-in until its GPU engine run
+    res = runs[0]["r7_prefix_ok"]  # on by default; asking for it explicitly is fine too
     assert "ok" in res, res
 
 
 def test_r7_explicit_chunked_prefill_accepted(runs):
-    res = runs[0]["r7_chunked_ok"]  # opt-in until its GPU engine run; budget below max_len ok
+    res = runs[0]["r7_chunked_ok"]  # budget below max_len is fine with chunked prefill
     assert "ok" in res and res["ok"]["mnbt"] == 256, res
 
 
 # ------------------------------------------------------------------------------- row 8
-def test_r8_budget_below_max_model_len_rejected(runs):
+def test_r8_budget_below_max_model_len_rejected_without_chunked_prefill(runs):
     refused(runs[0]["r8_small_budget"], "--max-num-batched-tokens", "512", "max_model_len=1024",
             "prompt must fit one step", "remove --max-num-batched-tokens")
     res = runs[0]["r8_budget_no_len"]  # max_model_len only known inside vLLM: its own check

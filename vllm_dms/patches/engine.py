@@ -6,8 +6,8 @@ flags fail fast with a message naming the field or flag.
 
 * ``kv_cache_dtype == "dms_fp8"``: DMSConfig from the local checkpoint; architectures routed
   to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
-  when the user asked for them and switched off (one log line) when merely on by default;
-  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
+  naming the flag; chunked prefill and prefix caching keep vLLM's defaults (on); one log line
+  says what was resolved; afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
   when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
   model class (no-evict mode); never served as a plain model with its decision lane live.
@@ -82,10 +82,10 @@ def apply() -> None:
 
     def create_engine_config(self, usage_context=None, headless=False):
         if self.kv_cache_dtype == DMS_DTYPE:
-            _prepare_dms(self)
+            dms = _prepare_dms(self)
             vllm_config = original(self, usage_context, headless)
-            _finish_dms(vllm_config, chunked=self.enable_chunked_prefill is True,
-                        prefix=self.enable_prefix_caching is True)
+            _finish_dms(vllm_config, f"{self.model} ({dms.arch}, window={dms.window}, "
+                                     f"decision_shift={dms.decision_shift})")
             return vllm_config
         _route_no_evict(self)
         return original(self, usage_context, headless)
@@ -114,32 +114,14 @@ def _prepare_dms(args: Any) -> DMSConfig:
             f"backend (needs a multiple of 16, at most 256); serve this checkpoint with "
             f"--kv-cache-dtype auto (no-evict mode) instead of {DMS_DTYPE}")
     _reject_unsupported(args)
-    switched_off = []
-    if args.enable_prefix_caching is None:
-        # Opt-in until its engine run on a GPU: finished requests' rows, reused whole by a
-        # prompt that extends them (vllm_dms.prefix_cache).
-        args.enable_prefix_caching = False
-        switched_off.append("prefix caching (--enable-prefix-caching turns it on)")
-    if args.enable_chunked_prefill is None:
-        # Opt-in until its engine run on a GPU (its kernels and impl path pass CPU tests). With
-        # it off and max_num_batched_tokens unset, vLLM raises the token budget to
-        # >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
-        args.enable_chunked_prefill = False
-        switched_off.append("chunked prefill (--enable-chunked-prefill turns it on)")
-    # async scheduling: left to vLLM (on by default); _finish_dms picks the matching scheduler
+    # chunked prefill, prefix caching and async scheduling: vLLM's defaults (all on); with
+    # chunked prefill off and the token budget unset, vLLM raises it to >= max_model_len itself
     if args.block_size is None:
         args.block_size = DMS_BLOCK_SIZE  # slots per arena sub-page: one decode tile
     if args.attention_backend is None or _backend_name(args.attention_backend) == "AUTO":
         if args.attention_config.backend is None:
             args.attention_backend = _CUSTOM
     args.hf_overrides = _route(args.hf_overrides, DMS_ARCHITECTURES[dms.arch])
-    _logger().info(
-        "vllm_dms: --kv-cache-dtype %s for %s (%s, window=%d, decision_shift=%d): model %s, "
-        "attention backend %s, scheduler %s; switched off (on by default, unsupported with "
-        "DMS): %s (vLLM's warning about disabling chunked prefill is expected)",
-        DMS_DTYPE, args.model, dms.arch, dms.window, dms.decision_shift,
-        DMS_ARCHITECTURES[dms.arch], _CUSTOM, _scheduler_path(args.async_scheduling),
-        ", ".join(switched_off) or "none")
     return dms
 
 
@@ -165,7 +147,7 @@ def _reject_unsupported(args: Any) -> None:
                                                                      ASYNC_SCHEDULER_PATH):
         reject("--scheduler-cls", f"scheduler {args.scheduler_cls!r} (DMS uses {SCHEDULER_PATH} "
                f"or, with async scheduling, {ASYNC_SCHEDULER_PATH})")
-    if (not args.enable_chunked_prefill and args.max_num_batched_tokens is not None
+    if (args.enable_chunked_prefill is False and args.max_num_batched_tokens is not None
             and args.max_model_len is not None
             and args.max_num_batched_tokens < args.max_model_len):
         reject("--max-num-batched-tokens",
@@ -174,16 +156,10 @@ def _reject_unsupported(args: Any) -> None:
                f"step)")
 
 
-def _finish_dms(vllm_config: Any, chunked: bool = False, prefix: bool = False) -> None:
-    """Verify nothing downstream re-enabled a feature, then install the DMS scheduler.
-
-    chunked / prefix: the user asked for chunked prefill / prefix caching (opt-in flags)."""
+def _finish_dms(vllm_config: Any, checkpoint: str = "") -> None:
+    """Check what vLLM resolved, install the DMS scheduler, log the one start-up line."""
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     backend = vllm_config.attention_config.backend
-    if (cc.enable_prefix_caching and not prefix) or (sc.enable_chunked_prefill and not chunked):
-        raise DMSConfigError(
-            f"vLLM re-enabled a feature DMS cannot serve: enable_prefix_caching="
-            f"{cc.enable_prefix_caching}, enable_chunked_prefill={sc.enable_chunked_prefill}")
     if backend is None or backend.name != _CUSTOM:
         raise DMSConfigError(f"attention backend resolved to {backend}, DMS needs {_CUSTOM}")
     max_len = vllm_config.model_config.max_model_len
@@ -192,6 +168,14 @@ def _finish_dms(vllm_config: Any, chunked: bool = False, prefix: bool = False) -
             f"--max-num-batched-tokens: max_num_batched_tokens={sc.max_num_batched_tokens} < "
             f"max_model_len={max_len} (chunked prefill is off with {DMS_DTYPE})")
     sc.scheduler_cls = _scheduler_path(sc.async_scheduling)  # the one vLLM finally resolved
+    chunked = (f"on (max_num_batched_tokens={sc.max_num_batched_tokens})"
+               if sc.enable_chunked_prefill else "off")
+    _logger().info(
+        "vllm_dms: --kv-cache-dtype %s for %s: model %s, attention backend %s, scheduler %s, "
+        "block size %s; chunked prefill %s, prefix caching %s, async scheduling %s",
+        DMS_DTYPE, checkpoint, vllm_config.model_config.architectures[0], _CUSTOM,
+        sc.scheduler_cls, cc.block_size, chunked, _on(cc.enable_prefix_caching),
+        _on(sc.async_scheduling))
     from vllm_dms.validation import install_frontend_check
     install_frontend_check()  # this process builds the front-end that will use this config
 
@@ -247,6 +231,10 @@ def _route(hf_overrides: Any, architecture: str) -> Any:
             return hf_config
         return composed
     return {**(hf_overrides or {}), "architectures": [architecture]}
+
+
+def _on(flag: Any) -> str:
+    return "on" if flag else "off"
 
 
 def _scheduler_path(async_scheduling: Any) -> str:
