@@ -12,6 +12,13 @@ from the arena: store, eviction and attention alone). By default the reference r
 engine's own weights (``vllm_dms.reference_view``), so synthetic dummy-weight checkpoints work.
 
     python benchmarks/correctness.py --model DIR --name smollm2-135m-dms --out results.json
+
+--chunk N runs the prompts with chunked prefill at a token budget of N; --one-shot NAME then
+compares tokens and live counts with the row NAME already in --out (the one-shot run).
+--prompt-tokens N takes N-token windows of held-out Gutenberg text as prompts. --gap explains
+each free-running live-count mismatch: the reference is re-run given the engine's decisions in
+fp32 and in bf16, and a differing decision is near the threshold when bf16 rounding alone moves
+its logit at least as far as its distance to 0.
 """
 from __future__ import annotations
 
@@ -22,9 +29,7 @@ import os
 import subprocess
 import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # arena state readable in-process
-
-import torch  # noqa: E402
+import torch
 
 PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "prompts.json")
 
@@ -82,8 +87,50 @@ def engine_model(llm):
     return m.unwrap() if hasattr(m, "unwrap") else m
 
 
+def load_prompts(tok, max_prompts: int, prompt_tokens: int) -> list[list[int]]:
+    """Token ids: the fixture prompts, or windows of held-out text (lcet10; alice29 calibrates)."""
+    if not prompt_tokens:
+        texts = json.load(open(PROMPT_FILE))["prompts"][:max_prompts]
+        return [tok(t)["input_ids"] for t in texts]
+    from vllm_dms.texts import gutenberg_text
+    ids = tok(gutenberg_text("lcet10.txt"))["input_ids"]
+    assert len(ids) >= max_prompts * prompt_tokens, "not enough held-out text"
+    return [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(max_prompts)]
+
+
+def gap_analysis(l32, l16, engine_flags, mismatch_rows):
+    """Per prompt: lane logits [L, cutoff, H] of the reference given the engine's decisions in
+    fp32 / bf16, the engine's flags, and the (layer, head) rows whose live counts differ in the
+    free-running check. A row is explained when some engine decision at its layer or below
+    differs from the fp32 reference and every such decision is near the threshold."""
+    rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
+                decisions_near_threshold=0, decisions_within_2x=0, examples=[])
+    for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
+        differ = (a > 0) != fl
+        margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
+        near = differ & (margin <= 1)
+        rows["decisions_differing"] += int(differ.sum())
+        rows["decisions_near_threshold"] += int(near.sum())
+        rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
+        for l, k, h in differ.nonzero().tolist()[:20]:
+            if len(rows["examples"]) < 12:
+                rows["examples"].append(dict(prompt=p, layer=l, key=k, head=h,
+                                             logit_fp32=float(a[l, k, h]),
+                                             logit_bf16=float(b[l, k, h])))
+        for l, h in bad:
+            rows["rows_mismatched"] += 1
+            cause = differ[: l + 1]
+            if not bool(cause.any()):
+                rows["rows_without_cause"] += 1
+            elif bool((near[: l + 1] == cause).all()):
+                rows["rows_explained"] += 1
+    rows["explained_fraction"] = rows["rows_explained"] / max(rows["rows_mismatched"], 1)
+    return rows
+
+
 def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
-        weights: str = "engine", chunk: int = 0) -> dict:
+        weights: str = "engine", chunk: int = 0, prompt_tokens: int = 0, compile_: bool = True,
+        gap: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -94,12 +141,16 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
 
     dms = DMSConfig.from_checkpoint(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = json.load(open(PROMPT_FILE))["prompts"][:max_prompts]
+    prompts = load_prompts(tok, max_prompts, prompt_tokens)
     synthetic = "dms_synthetic" in json.load(open(os.path.join(model_dir, "config.json")))
-    llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, max_num_seqs=8,
+    max_len = max(4096, max(len(p) for p in prompts) + steps + 64)
+    extra = {} if compile_ or eager else dict(
+        compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
+    llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=max_len, max_num_seqs=8,
               gpu_memory_utilization=0.35, enforce_eager=eager, seed=0,
-              load_format="dummy" if synthetic else "auto",
-              **(dict(enable_chunked_prefill=True, max_num_batched_tokens=chunk) if chunk else {}))
+              load_format="dummy" if synthetic else "auto", enable_prefix_caching=False,
+              enable_chunked_prefill=bool(chunk),
+              **(dict(max_num_batched_tokens=chunk) if chunk else {}), **extra)
     if weights == "engine":
         from vllm_dms.reference_view import reference_view
         hf = reference_view(engine_model(llm), llm.llm_engine.vllm_config.model_config.hf_config)
@@ -109,9 +160,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0,
                 m_match=0, m_live_eq=0, m_lp_diff=0.0)
     flagged, judged = torch.zeros(dms.num_layers), 0  # per-layer eviction on the prompts' text
-    per_prompt = []
-    for text in prompts:
-        ids = tok(text)["input_ids"]
+    per_prompt, gap_in = [], ([], [], [], [])
+    for ids in prompts:
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0].outputs[0]
         rt = get_runtime()
         slot = CHANNEL.release[-1]
@@ -145,11 +195,22 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         rows["m_live_eq"] += int((ref_m.live[:, n_arena - 1].cpu() == live).sum())
         rows["m_lp_diff"] = max(rows["m_lp_diff"],
                                 max_logprob_diff(out.logprobs, ref_m.logits[P - 1:], steps))
+        if gap:  # the reference's own logits given the engine's history, fp32 and bf16
+            with torch.no_grad():
+                ref_16 = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
+                                           kv_fp8_from=len(ids), injected_decisions=inj,
+                                           dtype=torch.bfloat16)
+            s, c = dms.decision_shift, fl.shape[1]
+            gap_in[0].append(ref_m.lane_logits[:, s:s + c].cpu())
+            gap_in[1].append(ref_16.lane_logits[:, s:s + c].cpu())
+            gap_in[2].append(fl)
+            gap_in[3].append((ref_live != live).nonzero().tolist())
         bytes_dms = int(pages.sum()) * rt.layout.subpage_bytes
         bytes_bf16 = n_arena * dms.num_layers * dms.num_kv_heads * dms.head_dim * 2 * 2
         per_prompt.append(dict(prompt_tokens=P, first_divergence=first_div,
                                live_mean=float(live.float().mean()), kv_bytes_dms=bytes_dms,
-                               kv_bytes_bf16=bytes_bf16))
+                               kv_bytes_bf16=bytes_bf16, tokens=list(out.token_ids),
+                               live=live.tolist()))
         print(f"{name}: prompt {P} tok, first divergence {first_div}/{steps}, live mean "
               f"{live.float().mean():.1f} of {n_arena}, live==ref {bool((ref_live == live).all())}",
               flush=True)
@@ -166,7 +227,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
                 mechanics_note="reference given the engine's decisions (from the arena), "
                                "teacher-forced on the engine's tokens, all steps",
                 weights=weights, model_runner=type(engine_runner(llm)).__module__,
-                chunked_prefill_tokens=chunk or None,
+                chunk_tokens=chunk or None, prefix_caching=False,
+                live_count_gap=gap_analysis(*gap_in) if gap else None,
                 eviction_rate_per_layer=[round(float(x), 4) for x in flagged / max(judged, 1)],
                 eviction_rate_note="fraction of keys older than the window that the engine "
                                    "evicted (recovered from the arena), per layer",
@@ -194,18 +256,43 @@ def main():
                     help="--enable-chunked-prefill with this max_num_batched_tokens (0: off)")
     ap.add_argument("--weights", choices=["engine", "hf"], default="engine",
                     help="reference weights: the engine's own tensors, or the HF checkpoint")
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="prompts of this many tokens of held-out text (0: tests/fixtures)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="with --graphs: decode CUDA graphs without torch.compile (faster start)")
+    ap.add_argument("--gap", action="store_true", help="explain live-count mismatches")
+    ap.add_argument("--one-shot", default="",
+                    help="compare tokens / live counts with this row (by name) of --out")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # arena readable in-process
     t0 = time.time()
     row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs, weights=a.weights,
-              chunk=a.chunk)
+              chunk=a.chunk, prompt_tokens=a.prompt_tokens, compile_=not a.no_compile,
+              gap=a.gap)
     row.update(commit=_commit(), date=datetime.date.today().isoformat(),
                device=torch.cuda.get_device_name(), vllm_version=_vllm_version(),
                wall_s=round(time.time() - t0, 1))
     rows = json.load(open(a.out)) if os.path.exists(a.out) else []
+    if a.one_shot:
+        row.update(vs_one_shot(row, next(r for r in rows if r["model"] == a.one_shot)))
     rows.append(row)
     json.dump(rows, open(a.out, "w"), indent=1)
     print(json.dumps({k: v for k, v in row.items() if k != "per_prompt"}, indent=1))
+
+
+def vs_one_shot(row: dict, base: dict) -> dict:
+    """Greedy tokens and final live counts [L, H] of each prompt against the one-shot row."""
+    pairs = list(zip(row["per_prompt"], base["per_prompt"]))
+    assert [p["prompt_tokens"] for p, _ in pairs] == [b["prompt_tokens"] for _, b in pairs]
+    tok = [sum(x == y for x, y in zip(p["tokens"], b["tokens"])) / len(b["tokens"])
+           for p, b in pairs]
+    live = [float((torch.tensor(p["live"]) == torch.tensor(b["live"])).float().mean())
+            for p, b in pairs]
+    return dict(one_shot_row=base["model"], token_match_vs_one_shot=sum(tok) / len(tok),
+                tokens_identical_vs_one_shot=all(t == 1.0 for t in tok),
+                live_match_vs_one_shot=sum(live) / len(live),
+                live_identical_vs_one_shot=all(x == 1.0 for x in live))
 
 
 def _commit() -> str:

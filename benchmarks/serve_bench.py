@@ -125,6 +125,8 @@ def run_engine(engine: str, a) -> dict:
                prefix_cache_hits=idle.get("vllm:prefix_cache_hits_total"),
                prefix_cache_queries=idle.get("vllm:prefix_cache_queries_total"),
                metrics_excerpt=poll.excerpt)
+    q = row["prefix_cache_queries"]
+    row["hit_rate"] = row["prefix_cache_hits"] / q if q else None
     print(f"[{engine}] {json.dumps({k: v for k, v in row.items() if k != 'metrics_excerpt'})}",
           flush=True)
     return row
@@ -155,11 +157,22 @@ def main():
         except Exception as e:  # noqa: BLE001  (record the failure, go on with the next engine)
             row = dict(engine=eng, model=a.name, error=str(e)[-1500:])
             print(f"[{eng}] FAILED: {e}", flush=True)
-        row.update(commit=os.environ.get("VLLM_DMS_COMMIT", "unknown"), date=date)
+        row.update(commit=os.environ.get("VLLM_DMS_COMMIT", "unknown"), date=date,
+                   device=_device(), vllm_version=_vllm_version())
         rows = json.load(open(path)) if os.path.exists(path) else []
         rows.append(row)
         json.dump(rows, open(path, "w"), indent=1)  # after every engine
     print(open(path).read()[-4000:])
+
+
+def _device() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _vllm_version() -> str:
+    import vllm
+    return vllm.__version__
 
 
 if __name__ == "__main__":

@@ -295,3 +295,29 @@ def test_kv_fp8_from_splits_prompt_and_decode_rows(model):
     # prompt rows (causal: they only see prompt rows) are unaffected; decode rows see FP8 keys
     assert torch.allclose(mixed.logits[:16], none8.logits[:16], atol=1e-5)
     assert not torch.equal(mixed.logits[16:], none8.logits[16:])
+
+
+def test_lane_logits_are_the_decision_rule_also_when_injected(model):
+    dms = dms_for(model)
+    ids = ids_of(33)
+    out = reference_forward(model, dms, ids)
+    assert torch.equal(out.lane_logits > 0, out.decisions)
+    inj = ~out.decisions  # injected decisions steer the mask; the logits stay the lane's own
+    forced = reference_forward(model, dms, ids, injected_decisions=inj)
+    assert torch.equal(forced.decisions, inj)
+    assert torch.equal(forced.lane_logits[0], out.lane_logits[0])  # layer 0 sees no mask yet
+    assert not torch.equal(forced.lane_logits[1:], out.lane_logits[1:])
+
+
+def test_bf16_compute_rounds_activations_but_stays_close(model):
+    dms = dms_for(model)
+    ids = ids_of(33)
+    m = model.to(torch.bfloat16)
+    f32 = reference_forward(m, dms, ids, evict=False)
+    b16 = reference_forward(m, dms, ids, evict=False, dtype=torch.bfloat16)
+    diff = (f32.lane_logits - b16.lane_logits).abs()
+    assert float(diff.max()) > 0, "bf16 rounding happened"
+    # lane logits are 100 * lane - 5: bf16 moves the lane by ~1e-2 relative, not more
+    assert float(diff.max()) < 0.1 * float(f32.lane_logits.abs().max()), float(diff.max())
+    rel = ((f32.logits - b16.logits).norm() / f32.logits.norm()).item()
+    assert 0 < rel < 0.05, rel

@@ -6,7 +6,9 @@ with f[k] = d[k + shift] (shift 1: NVIDIA, the decision computed at token t flag
 shift 0: FastDMS, a token flags itself) and f[k] = 0 where k + shift is past the sequence.
 Prompt and decode rows use the same rule.
 
-reference_forward runs that rule through a whole HF Llama / Qwen3 model (teacher-forced, fp32).
+reference_forward runs that rule through a whole HF Llama / Qwen3 model (teacher-forced, fp32;
+dtype=torch.bfloat16 rounds every activation to bf16 as a bf16 engine does, which tells how far
+bf16 rounding alone moves a decision logit).
 """
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ def shifted_flags(decisions: torch.Tensor, shift: int) -> torch.Tensor:
     return flags
 
 
-def dms_mask(flags: torch.Tensor, window: int) -> torch.Tensor:
-    """flags [T, H] bool -> visibility mask [H, T(query), T(key)] bool."""
+def dms_mask(flags: torch.Tensor, window: int, queries: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """flags [T, H] bool -> visibility mask [H, Q, T(key)] bool, for the query positions
+    `queries` [Q] (default: all T; one row is O(T), which keeps long decode checks cheap)."""
     T = flags.shape[0]
-    q = torch.arange(T, device=flags.device).view(T, 1)
+    q = (torch.arange(T, device=flags.device) if queries is None
+         else queries.to(flags.device)).view(-1, 1)
     k = torch.arange(T, device=flags.device).view(1, T)
     causal = k <= q
     in_window = (q - k) <= window
@@ -46,16 +51,20 @@ def live_counts(flags: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def dms_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            flags: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+                            flags: torch.Tensor, window: int, scale: float,
+                            queries: torch.Tensor | None = None) -> torch.Tensor:
     """Dense masked attention for one sequence, in fp32.
 
-    q [T, Hq, D], k/v [T, H, D], flags [T, H] -> out [T, Hq, D] (fp32). The G = Hq / H query
-    heads of group h share KV head h and its mask.
+    q [T, Hq, D], k/v [T, H, D], flags [T, H] -> out [T, Hq, D] (fp32); with `queries` [Q]
+    only those rows: out [Q, Hq, D]. The G = Hq / H query heads of group h share KV head h
+    and its mask.
     """
     T, Hq, D = q.shape
     H = k.shape[1]
     G = Hq // H
-    mask = dms_mask(flags, window).repeat_interleave(G, dim=0)  # [Hq, T, T]
+    if queries is not None:
+        q = q[queries.to(q.device)]
+    mask = dms_mask(flags, window, queries).repeat_interleave(G, dim=0)  # [Hq, Q, T]
     kk = k.float().repeat_interleave(G, dim=1).transpose(0, 1)  # [Hq, T, D]
     vv = v.float().repeat_interleave(G, dim=1).transpose(0, 1)
     s = torch.einsum("hqd,hkd->hqk", q.float().transpose(0, 1), kk) * scale
@@ -78,11 +87,13 @@ class RefOutput:
     decisions: torch.Tensor  # [L, T, H] bool: decision computed at each token (or injected)
     flags: torch.Tensor      # [L, T, H] bool: evict flag owned by each key (after the shift)
     live: torch.Tensor       # [L, T, H] int64: keys visible to each query under the mask used
+    lane_logits: torch.Tensor  # [L, T, H] fp32: scale * lane - offset (> 0: evict), never injected
 
 
-def _linear(x: torch.Tensor, mod: torch.nn.Module) -> torch.Tensor:
-    bias = None if mod.bias is None else mod.bias.float()
-    return F.linear(x, mod.weight.float(), bias)
+def _linear(x: torch.Tensor, mod: torch.nn.Module, dt: torch.dtype = torch.float32
+            ) -> torch.Tensor:
+    bias = None if mod.bias is None else mod.bias.to(dt)
+    return F.linear(x.to(dt), mod.weight.to(dt), bias).float()
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -90,8 +101,9 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _mlp(x: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
-    return _linear(mlp.act_fn(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj)
+def _mlp(x: torch.Tensor, mlp: torch.nn.Module, dt: torch.dtype = torch.float32) -> torch.Tensor:
+    act = mlp.act_fn(_linear(x, mlp.gate_proj, dt)) * _linear(x, mlp.up_proj, dt)
+    return _linear(act, mlp.down_proj, dt)
 
 
 def _rope_cos_sin(model: torch.nn.Module, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,15 +139,21 @@ def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
-def project_qkv(x: torch.Tensor, attn: torch.nn.Module, dms: DMSConfig):
+def project_qkv(x: torch.Tensor, attn: torch.nn.Module, dms: DMSConfig,
+                dt: torch.dtype = torch.float32):
     """Normed hidden [T, hidden] -> q [T, Hq, D], k/v [T, H, D] in fp32, q_norm/k_norm applied."""
     T, D = x.shape[0], dms.head_dim
-    q = _linear(x, attn.q_proj).view(T, dms.num_q_heads, D)
-    k = _linear(x, attn.k_proj).view(T, dms.num_kv_heads, D)
-    v = _linear(x, attn.v_proj).view(T, dms.num_kv_heads, D)
+    q = _linear(x, attn.q_proj, dt).view(T, dms.num_q_heads, D)
+    k = _linear(x, attn.k_proj, dt).view(T, dms.num_kv_heads, D)
+    v = _linear(x, attn.v_proj, dt).view(T, dms.num_kv_heads, D)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
-        q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+        q, k = _round(_rms_norm(q, attn.q_norm), dt), _round(_rms_norm(k, attn.k_norm), dt)
     return q, k, v
+
+
+def _round(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """x rounded to dt, kept in fp32 (a no-op for fp32)."""
+    return x if dt == torch.float32 else x.to(dt).float()
 
 
 def borrowed_heads(dms: DMSConfig) -> torch.Tensor:
@@ -160,15 +178,20 @@ class _Mode:
     kv_fp8: bool
     zero_lane: bool
     kv_fp8_from: int | None = None  # query rows >= this read FP8 K/V (the engine's decode rows)
+    dtype: torch.dtype = torch.float32  # activations rounded to this between ops
 
 
 def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
-    """One attention block on normed hidden x [T, hidden] -> (out, decisions, flags, live)."""
-    q, k, v = project_qkv(x, attn, dms)
+    """One attention block on normed hidden x [T, hidden] -> (out, decisions, flags, live,
+    lane logits)."""
+    dt = mode.dtype
+    q, k, v = project_qkv(x, attn, dms, dt)
+    lane = q[:, borrowed_heads(dms), dms.head_dim - 1]
+    logits = lane * dms.alpha_scale - dms.alpha_offset  # the rule of decisions_from_lane
     decisions = lane_decisions(q, dms) if injected is None else injected.to(torch.bool)
     if mode.zero_lane:
         q = _zero_lane(q, dms)
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    q, k = _round(_apply_rope(q, cos, sin), dt), _round(_apply_rope(k, cos, sin), dt)
     if mode.zero_lane and dms.zero_lane_after_rope:
         q = _zero_lane(q, dms)  # NVIDIA zeroes again: RoPE leaks lane D/2-1 into D-1
     if mode.kv_fp8:
@@ -183,8 +206,8 @@ def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
         out8 = dms_attention_reference(q, fp8_roundtrip(k), fp8_roundtrip(v), mask_flags,
                                        dms.window, scale)
         out = torch.cat([out[: mode.kv_fp8_from], out8[mode.kv_fp8_from:]])
-    out = _linear(out.reshape(x.shape[0], -1), attn.o_proj)
-    return out, decisions, flags, live_counts(mask_flags, dms.window)
+    out = _linear(_round(out, dt).reshape(x.shape[0], -1), attn.o_proj, dt)
+    return out, decisions, flags, live_counts(mask_flags, dms.window), logits
 
 
 def _check_model(model: torch.nn.Module, dms: DMSConfig) -> None:
@@ -201,32 +224,36 @@ def _check_model(model: torch.nn.Module, dms: DMSConfig) -> None:
 def reference_forward(model: torch.nn.Module, dms: DMSConfig, input_ids: torch.Tensor, *,
                       evict: bool = True, injected_decisions: torch.Tensor | None = None,
                       kv_fp8: bool = False, zero_lane: bool = True,
-                      kv_fp8_from: int | None = None) -> RefOutput:
+                      kv_fp8_from: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> RefOutput:
     """Dense teacher-forced DMS forward of one sequence input_ids [T] (see module docstring).
 
     evict=False keeps plain causal attention (lane still zeroed when zero_lane). Decisions come
     from the borrowed lane unless injected_decisions [L, T, H] is given. kv_fp8 round-trips
     post-RoPE K and V through e4m3 before attention; kv_fp8_from=P does so only for query rows
     >= P (what the engine does: prompt rows attend bf16 K/V, decode rows read the FP8 arena).
+    dtype=torch.bfloat16 rounds matmul inputs/outputs, norms and the residual stream to bf16.
     """
     _check_model(model, dms)
     ids = input_ids.reshape(-1)
     T, device = ids.shape[0], model.lm_head.weight.device
     ids = ids.to(device)
-    mode = _Mode(evict=evict, kv_fp8=kv_fp8, zero_lane=zero_lane, kv_fp8_from=kv_fp8_from)
+    mode = _Mode(evict=evict, kv_fp8=kv_fp8, zero_lane=zero_lane, kv_fp8_from=kv_fp8_from,
+                 dtype=dtype)
     cos, sin = _rope_cos_sin(model, T, device)
     h = model.model.embed_tokens.weight[ids].float()
     per_layer = []
     for i, layer in enumerate(model.model.layers):
         inj = None if injected_decisions is None else injected_decisions[i].to(device)
-        out, *rec = _attention(_rms_norm(h, layer.input_layernorm), layer.self_attn, dms,
-                               cos, sin, mode, inj)
-        h = h + out
-        h = h + _mlp(_rms_norm(h, layer.post_attention_layernorm), layer.mlp)
+        out, *rec = _attention(_round(_rms_norm(h, layer.input_layernorm), dtype),
+                               layer.self_attn, dms, cos, sin, mode, inj)
+        h = _round(h + out, dtype)
+        h = _round(h + _mlp(_round(_rms_norm(h, layer.post_attention_layernorm), dtype),
+                            layer.mlp, dtype), dtype)
         per_layer.append(rec)
-    logits = _linear(_rms_norm(h, model.model.norm), model.lm_head)
-    dec, flags, live = (torch.stack(list(x)) for x in zip(*per_layer))
-    return RefOutput(logits=logits, decisions=dec, flags=flags, live=live)
+    logits = _linear(_round(_rms_norm(h, model.model.norm), dtype), model.lm_head, dtype)
+    dec, flags, live, lane = (torch.stack(list(x)) for x in zip(*per_layer))
+    return RefOutput(logits=logits, decisions=dec, flags=flags, live=live, lane_logits=lane)
 
 
 @torch.no_grad()

@@ -34,9 +34,10 @@ def check_row(kit, kv, layout, slot, h, k, v, flags_req, start):
     n, W, E = flags_req.shape[0], layout.window, layout.elem_bytes
     row = arena_read_row(kv, layout, slot, h)
     st = arena_state(kv.view(-1), layout)
-    want = dms_mask(flags_req.cpu(), W)[h, n - 1].nonzero().flatten() if n else torch.zeros(0)
+    want = (dms_mask(flags_req.cpu(), W, torch.tensor([n - 1]))[h, 0].nonzero().flatten()
+            if n else torch.zeros(0))
     assert row["pos"].tolist() == want.tolist(), "survivors, dense and in position order"
-    assert int(st.row_len[slot, h]) == (int(live_counts(flags_req.cpu(), W)[n - 1, h]) if n else 0)
+    assert int(st.row_len[slot, h]) == len(want)
     assert int(st.row_npages[slot, h]) == cdiv(len(want), layout.block_size)
     idx = (start + want).long()
     for got, src in ((row["k"], k), (row["v"], v)):

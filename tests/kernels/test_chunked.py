@@ -54,7 +54,7 @@ def check_rows(kit, kv, lay, s, n1, slot, shift):
     """Row state after query n1-1 vs the reference mask (the newest flag pending under shift 1)."""
     W, E, P = lay.window, lay.elem_bytes, lay.block_size
     flags = shifted_flags(s["d"][:n1], shift)
-    mask = dms_mask(flags, W)[:, n1 - 1]
+    mask = dms_mask(flags, W, torch.tensor([n1 - 1]))[:, 0]
     st = arena_state(kv.view(-1), lay)
     assert st.row_len[slot].cpu().tolist() == mask.sum(-1).tolist(), f"row_len at q={n1 - 1}"
     for h in range(lay.num_kv_heads):
@@ -124,7 +124,7 @@ def simulate_chunked(kit, device, *, H, G, D, P, W, shift, reqs, steps, elem=1, 
             kq = torch.cat([kit.quantize_like_store(s["k"][:a], elem), s["k"][a:b].float()])
             vq = torch.cat([kit.quantize_like_store(s["v"][:a], elem), s["v"][a:b].float()])
             ref = dms_attention_reference(s["q"][:b], kq, vq, shifted_flags(s["d"][:b], shift),
-                                          W, scale)[a:]
+                                          W, scale, torch.arange(a, b))
             close(out[int(cu[j]):int(cu[j + 1])].float().cpu(), ref, what=f"req {i} [{a},{b})")
             check_rows(kit, kv, lay, s, b, reqs[i][2], shift)
             done[i] = b
@@ -159,9 +159,10 @@ def simulate_chunked(kit, device, *, H, G, D, P, W, shift, reqs, steps, elem=1, 
         for b, (s, (n, _, sl)) in enumerate(zip(seq, reqs)):
             m = n + j + 1
             flags = shifted_flags(s["d"][:m], shift)
-            assert st.row_len[sl].tolist() == dms_mask(flags, W)[:, m - 1].sum(-1).tolist()
+            qm = torch.tensor([m - 1])
+            assert st.row_len[sl].tolist() == dms_mask(flags, W, qm)[:, 0].sum(-1).tolist()
             kq, vq = (kit.quantize_like_store(s[x][:m].float(), elem) for x in "kv")
-            ref = dms_attention_reference(s["q"][:m], kq, vq, flags, W, scale)[-1]
+            ref = dms_attention_reference(s["q"][:m], kq, vq, flags, W, scale, qm)[0]
             close(outs[0][b], ref, what=f"decode req {b} q={m - 1}")
     for _, _, sl in reqs:  # same rows after decoding from either prefill
         assert_same_rows(kv, kv1, lay, sl)

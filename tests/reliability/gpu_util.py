@@ -3,7 +3,10 @@
 Checkpoint: a random-weight Llama with DMS fields built by benchmarks/make_random_llama.py
 (tokenizer from $VLLM_DMS_TOKENIZER_DIR, else SmolLM2's from vllm_dms.checkpoints), plus a
 plain copy without the DMS fields. $VLLM_DMS_TEST_CKPT overrides the DMS checkpoint.
-Engines run in fresh interpreters (plugin loading and CUDA state are per process).
+Engines run in fresh interpreters (plugin loading and CUDA state are per process): `run_py` for
+a one-off script, `Engine` for a long-lived one that several tests (module-scoped fixtures) send
+jobs to. Every engine names its KV memory (`kv_cache_memory_bytes`) and asks for a small
+`gpu_memory_utilization` (UTIL), so that several share the GPU when tests run in parallel.
 """
 import json
 import os
@@ -17,6 +20,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "DMS_GPU_RESULT="
 BLOCK = 64  # --block-size default with dms_fp8 (patches/engine.py DMS_BLOCK_SIZE)
+UTIL = 0.05  # vLLM only checks that this much is free at start-up: KV memory is explicit
 
 
 def build_checkpoints(root: str) -> tuple[str, str]:
@@ -82,6 +86,93 @@ def run_py(body: str, args: dict, env: dict | None = None, timeout: int = 900) -
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)]
     assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-6000:]
     return json.loads(lines[-1][len(MARK):])
+
+
+ENGINE_LOOP = """
+from vllm import LLM
+llm = LLM(A["model"], **A["engine"])
+info = dict(num_gpu_blocks=llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+            backend=str(llm.llm_engine.vllm_config.attention_config.backend))
+print(MARK + json.dumps(info), flush=True)
+for line in sys.stdin:  # one job per line: {"prompts": [[ids]], "n": tokens, "metrics": [...]}
+    job = json.loads(line)
+    res = dict(tokens=greedy(llm, job["prompts"], job["n"]) if job["prompts"] else [])
+    res.update({p: metric(llm, p) for p in job.get("metrics", [])})
+    print(MARK + json.dumps(res), flush=True)
+"""
+
+
+class Engine:
+    """A `vllm.LLM` in its own interpreter, kept alive for many greedy jobs.
+
+    `Engine(model, env=..., **engine_kwargs).start()` returns at once (start several, then
+    `ready()` each: they initialise concurrently); `greedy(prompts, n)` -> token lists."""
+
+    def __init__(self, model: str, env: dict | None = None, **engine: object):
+        self.args = dict(model=model, engine=engine)
+        self.env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        VLLM_LOGGING_STREAM="ext://sys.stderr")  # stdout carries replies only
+        self.env.update(env or {})
+        self.info: dict | None = None
+
+    def start(self) -> "Engine":
+        if hasattr(self, "proc"):  # already running (a shared fixture)
+            return self
+        code = PRELUDE + ENGINE_LOOP.replace("MARK", repr(MARK))
+        self.log = open(os.path.join(_log_dir(), f"engine-{id(self)}.log"), "w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(self.args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=self.env, cwd=REPO)
+        return self
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.log.seek(0)
+        raise AssertionError(f"engine died (rc {self.proc.wait()}): {self.log.read()[-6000:]}")
+
+    def ready(self) -> "Engine":
+        if self.info is None:
+            self.info = self._reply()
+        return self
+
+    def greedy(self, prompts: list[list[int]], n: int, metrics: tuple = ()) -> dict:
+        self.ready()
+        self.proc.stdin.write(json.dumps(dict(prompts=prompts, n=n, metrics=list(metrics)))
+                              + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def tokens(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        return self.greedy(prompts, n)["tokens"]
+
+    def metric(self, prefix: str) -> float:
+        """Sum of vLLM's metrics named prefix* (needs disable_log_stats=False)."""
+        return self.greedy([], 0, metrics=(prefix,))[prefix]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def started(*engines: Engine) -> list[Engine]:
+    """Start all, then wait for each: their start-ups overlap."""
+    for e in engines:
+        e.start()
+    return [e.ready() for e in engines]
+
+
+def _log_dir() -> str:
+    d = os.environ.get("VLLM_DMS_GPU_LOG_DIR") or os.path.join(REPO, ".pytest-gpu-logs")
+    os.makedirs(d, exist_ok=True)
+    return d
 
 
 def free_port() -> int:

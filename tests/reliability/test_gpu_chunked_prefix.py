@@ -1,17 +1,19 @@
-"""GPU: chunked prefill and prefix caching with dms_fp8 through ``vllm.LLM`` (issue 10).
+"""GPU: chunked prefill and prefix caching with dms_fp8 through ``vllm.LLM`` (issue 14).
 
 The CPU twin is tests/test_sim_engine.py (exact, with FP8-grid K/V). Here the random-weight
 checkpoint's K/V are real bf16 values: a continuation chunk reads earlier chunks from the FP8 arena
 where a one-shot prefill reads them in bf16, so a near-tie may flip late; the bound is the one of
-test_r20 (first 16 tokens identical, >= 90% of 64).
+test_r20 (first 16 tokens identical, >= 90% of 64). The engines a test compares start at once.
 """
 import pytest
 
-from gpu_util import build_checkpoints, prompts, run_py
+from gpu_util import UTIL, Engine, build_checkpoints, kv_bytes_for_blocks, prompts, started
 
 pytestmark = pytest.mark.gpu
-KW = dict(max_model_len=8320, max_num_seqs=8, seed=0, gpu_memory_utilization=0.3,
-          kv_cache_dtype="dms_fp8")
+KW = dict(max_model_len=8320, max_num_seqs=8, seed=0, gpu_memory_utilization=UTIL,
+          kv_cache_dtype="dms_fp8", disable_log_stats=False,
+          compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
+HITS = "vllm:prefix_cache_hits"
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +21,9 @@ def dms_ckpt(tmp_path_factory):
     return build_checkpoints(str(tmp_path_factory.mktemp("gpu_ckpt")))[0]
 
 
-RUN = """
-from vllm import LLM
-llm = LLM(A["model"], **A["kw"])
-out["tokens"] = []
-for group in A["groups"]:  # each group is submitted after the previous one finished
-    out["tokens"] += greedy(llm, group, A["n"])
-out["hits"] = metric(llm, "vllm:prefix_cache_hits")
-"""
-
-
-def run(model, groups, n=64, **kw):
-    return run_py(RUN, dict(model=model, groups=groups, n=n, kw={**KW, **kw}))
+def engine(model, **kw):
+    # room for every prompt below at the dense bound at once (the 8000-token one is 125 blocks)
+    return Engine(model, **{**KW, "kv_cache_memory_bytes": kv_bytes_for_blocks(model, 512), **kw})
 
 
 def close(a, b):
@@ -40,17 +33,50 @@ def close(a, b):
 
 def test_chunked_prefill_matches_one_shot(dms_ckpt):
     ps = [p for n in (1, 7, 64, 65, 600, 3000, 8000) for p in prompts(1, n, seed=n)]
-    one_shot = run(dms_ckpt, [ps], enable_chunked_prefill=False)["tokens"]
-    for chunk in (8, 64, 65, 512):  # 7 < max_num_seqs; W = 64
-        got = run(dms_ckpt, [ps], enable_chunked_prefill=True, max_num_batched_tokens=chunk)
-        close(got["tokens"], one_shot)
+    chunks = (8, 64, 65, 512)  # 7 prompts < max_num_seqs; W = 64
+    one_shot, *chunked = started(
+        engine(dms_ckpt, enable_chunked_prefill=False),
+        *(engine(dms_ckpt, enable_chunked_prefill=True, max_num_batched_tokens=c) for c in chunks))
+    try:
+        want = one_shot.tokens(ps, 64)
+        for c, e in zip(chunks, chunked):
+            close(e.tokens(ps, 64), want)
+    finally:
+        for e in (one_shot, *chunked):
+            e.close()
 
 
-def test_shared_4k_prefix_same_tokens_with_and_without_caching(dms_ckpt):
+def conversation(e, turn1, follow_ups, n=32):
+    """A chat: each turn re-sends the previous turns and answers plus a new question."""
+    answers, seq = [], list(turn1)
+    for q in follow_ups:
+        seq = seq + q
+        a = e.tokens([seq], n)[0]
+        answers.append(a)
+        seq = seq + a
+    return answers
+
+
+def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_caching(dms_ckpt):
     system = prompts(1, 4096, seed=40)[0]
     qs = [system + q for q in prompts(8, 40, seed=41)]
-    groups = [qs[:1], qs[1:]]  # the first question's prefill makes the snapshots
-    off = run(dms_ckpt, groups, enable_prefix_caching=False)
-    on = run(dms_ckpt, groups, enable_prefix_caching=True)
-    close(on["tokens"], off["tokens"])
-    assert off["hits"] == 0 and on["hits"] >= 7 * 4096, on["hits"]
+    turns = prompts(4, 24, seed=42)
+    off, on = started(engine(dms_ckpt, enable_prefix_caching=False),
+                      engine(dms_ckpt, enable_prefix_caching=True))
+    try:
+        res = {}
+        for name, e in (("off", off), ("on", on)):
+            first = e.tokens(qs[:1], 64)  # its prefill makes the snapshots
+            rest = e.tokens(qs[1:], 64)  # the 7 others fork the 4096-token snapshot
+            hits_q = e.metric(HITS)
+            chat = conversation(e, qs[0] + first[0], turns)  # each follow-up takes its turn
+            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q,
+                             hits=e.metric(HITS))
+    finally:
+        off.close()
+        on.close()
+    close(res["on"]["tokens"], res["off"]["tokens"])
+    close(res["on"]["chat"], res["off"]["chat"])
+    assert res["off"]["hits"] == 0
+    assert res["on"]["hits_q"] >= 7 * 4096, res["on"]
+    assert res["on"]["hits"] - res["on"]["hits_q"] >= 4 * (4096 + 40), res["on"]

@@ -1,7 +1,8 @@
 """GPU reliability tests through `vllm serve` over HTTP (C.4 rows 10-13, 15, 16, 22, 25).
 
-One server per module: --kv-cache-dtype dms_fp8, max_model_len 1024, max_num_seqs 8, a small
-arena, VLLM_SERVER_DEV_MODE=1 (for /reset_prefix_cache). Needs CUDA; skipped without it.
+One server per module (per xdist worker): --kv-cache-dtype dms_fp8 with vLLM's defaults
+(chunked prefill, prefix caching), max_model_len 1024, max_num_seqs 8, a small arena,
+VLLM_SERVER_DEV_MODE=1 (for /reset_prefix_cache). Needs CUDA; skipped without it.
 $VLLM_DMS_SOAK_SECONDS sets the abort-storm length (default 120; nightly: 1800-3600).
 """
 import json
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from gpu_util import Server, build_checkpoints, kv_bytes_for_blocks, prompts
+from gpu_util import UTIL, Server, build_checkpoints, kv_bytes_for_blocks, prompts
 
 pytestmark = pytest.mark.gpu
 MAX_LEN, SEQS = 1024, 8
@@ -25,7 +26,7 @@ def server(tmp_path_factory):
     dms, _ = build_checkpoints(str(tmp_path_factory.mktemp("gpu_ckpt")))
     with Server(dms, "--kv-cache-dtype", "dms_fp8", "--max-model-len", str(MAX_LEN),
                 "--max-num-seqs", str(SEQS), "--enforce-eager", "--kv-cache-memory-bytes",
-                str(kv_bytes_for_blocks(dms, 64)), env={"VLLM_SERVER_DEV_MODE": "1"}) as s:
+                str(kv_bytes_for_blocks(dms, 64)), "--gpu-memory-utilization", str(UTIL), env={"VLLM_SERVER_DEV_MODE": "1"}) as s:
         yield s
 
 

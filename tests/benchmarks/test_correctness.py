@@ -1,0 +1,46 @@
+"""benchmarks/correctness.py's pure parts: the live-count gap analysis and the one-shot
+comparison (the engine run itself needs a GPU)."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from correctness import gap_analysis, vs_one_shot  # noqa: E402
+
+
+def test_gap_analysis_classifies_rows_by_their_causes():
+    # 3 layers, 4 old keys, 2 heads; fp32 logits and their bf16 recompute
+    l32 = torch.full((3, 4, 2), 1.0)
+    l16 = l32.clone()
+    l32[0, 1, 0], l16[0, 1, 0] = 0.01, -0.02  # near: bf16 crosses 0
+    l32[2, 3, 1], l16[2, 3, 1] = 0.5, 0.45    # far: bf16 moves 0.05 of a 0.5 margin
+    fl = l32 > 0
+    fl[0, 1, 0] = False  # the engine decided the other way at both
+    fl[2, 3, 1] = False
+    bad = [[0, 0], [1, 1], [2, 1]]  # rows whose live counts differ
+    g = gap_analysis([l32], [l16], [fl], [bad])
+    assert g["decisions_differing"] == 2 and g["decisions_near_threshold"] == 1
+    assert g["rows_mismatched"] == 3
+    # (0,0) and (1,1) have only the near flip at or below them; (2,1) also has the far one
+    assert g["rows_explained"] == 2 and g["rows_without_cause"] == 0
+    assert abs(g["explained_fraction"] - 2 / 3) < 1e-12
+    assert {(e["layer"], e["key"], e["head"]) for e in g["examples"]} == {(0, 1, 0), (2, 3, 1)}
+
+
+def test_gap_analysis_flags_a_mismatch_without_any_differing_decision():
+    l32 = torch.ones(2, 3, 1)
+    g = gap_analysis([l32], [l32.clone()], [l32 > 0], [[[1, 0]]])
+    assert g["rows_without_cause"] == 1 and g["explained_fraction"] == 0.0
+
+
+def test_vs_one_shot_counts_tokens_and_live_cells():
+    base = dict(model="one", per_prompt=[dict(prompt_tokens=5, tokens=[1, 2, 3, 4],
+                                              live=[[3, 3], [4, 4]])])
+    same = dict(per_prompt=[dict(prompt_tokens=5, tokens=[1, 2, 3, 4], live=[[3, 3], [4, 4]])])
+    other = dict(per_prompt=[dict(prompt_tokens=5, tokens=[1, 2, 9, 9], live=[[3, 2], [4, 4]])])
+    r = vs_one_shot(same, base)
+    assert r["tokens_identical_vs_one_shot"] and r["live_identical_vs_one_shot"]
+    r = vs_one_shot(other, base)
+    assert r["token_match_vs_one_shot"] == 0.5 and r["live_match_vs_one_shot"] == 0.75
+    assert not r["tokens_identical_vs_one_shot"] and r["one_shot_row"] == "one"
