@@ -42,8 +42,9 @@ random_ckpt() {  # the engine tests' checkpoint, built once per machine
 suite() {  # suite NAME TIMEOUT PYTEST_ARGS...: JUnit + log under $OUT, engine logs tarred
   local name=$1 t=$2; shift 2
   rm -rf /tmp/gpu-logs-$name
+  # per-test timeout (pytest-timeout): a hung test fails alone and the JUnit file is still written
   VLLM_DMS_GPU_LOG_DIR=/tmp/gpu-logs-$name PYTHONPATH=$PWD timeout $t python3 -m pytest -q \
-    -m gpu -p no:cacheprovider --junitxml=$OUT/junit-gpu-$name.xml "$@" 2>&1 \
+    -m gpu -p no:cacheprovider --timeout=${TEST_S:-300} --junitxml=$OUT/junit-gpu-$name.xml "$@" 2>&1 \
     | tee $OUT/$name.log | tail -25
   [ -d /tmp/gpu-logs-$name ] && tar -czf $OUT/engine-logs-$name.tgz -C /tmp gpu-logs-$name
   return 0
@@ -56,7 +57,7 @@ for stage in "$@"; do
     suite2)
       random_ckpt
       VLLM_DMS_TEST_CKPT=$RANDOM_CKPT VLLM_DMS_TOKENIZER_DIR=$RANDOM_CKPT \
-        suite suite2 ${SUITE_S:-480} tests/reliability -n ${NPROC:-6} ;;
+        suite suite2 ${SUITE_S:-480} tests/reliability -n ${NPROC:-6} --dist loadgroup ;;
     suite3)
       suite suite3 ${SUITE_S:-300} tests/test_quality_vllm.py ;;
     correct-chunked)

@@ -3,6 +3,10 @@
     python -m pytest -q tests --junitxml=/tmp/junit.xml
     python tests/reliability_table.py /tmp/junit.xml            # prints the table and counts
     python tests/reliability_table.py /tmp/junit.xml --write    # and rewrites tests/README.md
+    python tests/reliability_table.py /tmp/junit.xml --gpu benchmarks/results/junit-gpu-*.xml
+
+--gpu adds the JUnit files of `pytest -m gpu` runs on a GPU machine: their results replace the
+CPU run's "needs a GPU" skips of the same tests.
 
 The Tests column is the input: `file::name` entries (`rel/` = tests/reliability/, other paths
 under tests/). `name` matches that test and its parametrizations; a name ending in `_` is a prefix;
@@ -34,7 +38,15 @@ def junit_cases(path: str) -> dict[str, str]:
             elif child.tag == "skipped":
                 msg = (child.get("message", "") + (child.text or "")).lower()
                 state = "skipped-gpu" if ("cuda" in msg or "gpu" in msg) else "skipped"
-        out[f"{file}::{tc.get('name')}"] = state
+        name = tc.get("name", "").split("@")[0]  # xdist --dist loadgroup appends @group
+        out[f"{file}::{name}"] = state
+    return out
+
+
+def merge_gpu(cases: dict[str, str], gpu: dict[str, str]) -> dict[str, str]:
+    """A GPU run's passed / failed tests become gpu-passed / gpu-failed."""
+    out = dict(cases)
+    out.update({n: f"gpu-{s}" for n, s in gpu.items() if s in ("passed", "failed")})
     return out
 
 
@@ -58,22 +70,29 @@ def row_result(entries: list[str], cases: dict[str, str]) -> tuple[str, str, set
     found = {n for e in entries for n in matches(e, cases)}
     count = lambda s: sum(cases[n] == s for n in found)  # noqa: E731
     cpu, gpu, failed, other = count("passed"), count("skipped-gpu"), count("failed"), count("skipped")
-    where = " + ".join(w for w, k in (("CPU", cpu + failed + other), ("GPU", gpu)) if k)
+    gpu_ok, gpu_bad = count("gpu-passed"), count("gpu-failed")
+    where = " + ".join(w for w, k in (("CPU", cpu + failed + other),
+                                      ("GPU", gpu + gpu_ok + gpu_bad)) if k)
     parts = []
     if cpu or failed or other:
         parts.append(f"CPU: {cpu} passed" + (f", {failed} FAILED" if failed else "")
                      + (f", {other} skipped" if other else ""))
+    if gpu_ok or gpu_bad:
+        parts.append(f"GPU: {gpu_ok} passed" + (f", {gpu_bad} FAILED" if gpu_bad else ""))
     if gpu:
-        parts.append(f"GPU: {gpu} skipped (GPU, not run this session)")
+        parts.append(f"GPU: {gpu} not run")
     return where or "none", "; ".join(parts) or "no test found", found
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("junit")
+    ap.add_argument("--gpu", nargs="*", default=[], help="JUnit files of GPU runs")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     cases = junit_cases(args.junit)
+    for path in args.gpu:
+        cases = merge_gpu(cases, junit_cases(path))
     lines, rows, all_found = README.read_text().splitlines(), 0, set()
     for i, line in enumerate(lines):
         m = ROW.match(line)
@@ -88,12 +107,13 @@ def main() -> int:
         print(lines[i])
     states = [cases[n] for n in all_found]
     print(f"\nscenarios with a test: {rows}; distinct tests: {len(all_found)}; CPU passed: "
-          f"{states.count('passed')}; failed: {states.count('failed')}; GPU-only skipped: "
+          f"{states.count('passed')}; failed: {states.count('failed')}; GPU passed: "
+          f"{states.count('gpu-passed')}; GPU failed: {states.count('gpu-failed')}; GPU not run: "
           f"{states.count('skipped-gpu')}; whole run: {len(cases)} tests, "
-          f"{sum(s == 'passed' for s in cases.values())} passed")
+          f"{sum(s in ('passed', 'gpu-passed') for s in cases.values())} passed")
     if args.write:
         README.write_text("\n".join(lines) + "\n")
-    return 1 if "failed" in states else 0
+    return 1 if {"failed", "gpu-failed"} & set(states) else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ COMMON = dict(max_model_len=1024, max_num_seqs=8, seed=0, gpu_memory_utilization
               kv_cache_memory_bytes=1 << 30)
 EAGER = dict(COMMON, enforce_eager=True)
 STOCK = {"VLLM_PLUGINS": "none_but_stock"}
+SHARED = pytest.mark.xdist_group("dms-eager")  # --dist loadgroup: one dms_eager per run
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def test_r4_non_dms_model_identical_to_stock(ckpts, plain_eager, dtype):
         closing(stock, *([] if ours is plain_eager else [ours]))
 
 
+@SHARED
 def test_r5_engines_in_one_process_dense_dms_dense_dms(ckpts, dms_eager, plain_eager):
     dms, plain = ckpts
     ps = prompts(4, 300, seed=5)  # past the window: eviction happens in the DMS engines
@@ -96,6 +98,7 @@ def test_r14_forced_preemption_same_tokens_and_counted(ckpts):
     assert t["tokens"] == r["tokens"], f"first differing token per request: {diverge}"
 
 
+@SHARED
 def test_r19_cuda_graphs_equal_eager(ckpts, dms_eager):
     graph = started(Engine(ckpts[0], kv_cache_dtype="dms_fp8", **COMMON, enforce_eager=False,
                            compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}))[0]
@@ -107,6 +110,7 @@ def test_r19_cuda_graphs_equal_eager(ckpts, dms_eager):
         graph.close()
 
 
+@SHARED
 def test_r20_batch_invariance(dms_eager):
     """Stated bound: first 16 tokens identical, >= 90% of 64 tokens identical (bf16 GEMMs of
     different batch shapes may flip a near-tie of a random-weight model late in a sequence)."""
@@ -117,6 +121,7 @@ def test_r20_batch_invariance(dms_eager):
     assert sum(a == b for a, b in zip(alone[0], batch[0])) >= 0.9 * 64
 
 
+@SHARED
 def test_r23_multi_turn_resend_matches_fresh_prompt(ckpts, dms_eager):
     turn1 = prompts(1, 150, seed=23)[0]
     res = run_py("""

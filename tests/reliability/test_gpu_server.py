@@ -17,7 +17,8 @@ import pytest
 
 from gpu_util import UTIL, Server, build_checkpoints, kv_bytes_for_blocks, prompts
 
-pytestmark = pytest.mark.gpu
+# --dist loadgroup: the module's tests share one server (the soak gets its own, in parallel)
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("server")]
 MAX_LEN, SEQS = 1024, 8
 
 
@@ -176,6 +177,7 @@ def test_r15_aborts_mid_stream_while_waiting_and_in_prefill(server):
 
 # ------------------------------------------------------------------------------ row 16
 @pytest.mark.slow
+@pytest.mark.xdist_group("server-soak")
 def test_r16_abort_storm_soak(server):
     seconds = float(os.environ.get("VLLM_DMS_SOAK_SECONDS", "120"))
     probe = prompts(1, 200, seed=160)[0]
