@@ -104,7 +104,8 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
     free-running check. A row is explained when some engine decision at its layer or below
     differs from the fp32 reference and every such decision is near the threshold."""
     rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
-                decisions_near_threshold=0, decisions_within_2x=0, examples=[])
+                decisions_near_threshold=0, decisions_within_2x=0, decisions_judged=0,
+                near_threshold_all=0, examples=[])
     for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
         differ = (a > 0) != fl
         margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
@@ -112,6 +113,8 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         rows["decisions_differing"] += int(differ.sum())
         rows["decisions_near_threshold"] += int(near.sum())
         rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
+        rows["decisions_judged"] += differ.numel()  # base rate: how many are near at all
+        rows["near_threshold_all"] += int((margin <= 1).sum())
         for l, k, h in differ.nonzero().tolist()[:20]:
             if len(rows["examples"]) < 12:
                 rows["examples"].append(dict(prompt=p, layer=l, key=k, head=h,
@@ -125,6 +128,7 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
             elif bool((near[: l + 1] == cause).all()):
                 rows["rows_explained"] += 1
     rows["explained_fraction"] = rows["rows_explained"] / max(rows["rows_mismatched"], 1)
+    rows["near_threshold_base_rate"] = rows["near_threshold_all"] / max(rows["decisions_judged"], 1)
     return rows
 
 

@@ -1,7 +1,13 @@
-"""Print the Markdown summary of benchmarks/results/*.json (what the README's tables are pasted from)."""
+"""Print the Markdown summary of benchmarks/results/*.json (what the README's tables are pasted from).
+
+    python benchmarks/results_table.py [TABLE ...] [--out FILE]   # default: every table
+"""
+import argparse
 import glob
 import json
 import os
+import xml.etree.ElementTree as ET
+from collections import Counter
 
 ROOT = os.path.join(os.path.dirname(__file__), "results")
 
@@ -51,12 +57,55 @@ def quality():
                   f"{r['ppl_base']:.2f} |")
 
 
+def chunked():
+    header("model", "chunk tokens", "greedy match vs ref", "tokens vs one-shot",
+           "live counts vs one-shot", "live-count match vs ref", "mechanics live match",
+           "mismatched rows explained", "near-threshold base rate")
+    for rows in files("correctness-chunked"):
+        for r in rows:
+            g = r.get("live_count_gap") or {}
+            gap = (f"{g['rows_explained']}/{g['rows_mismatched']}" if g else "")
+            base = f"{g['near_threshold_base_rate']:.4f}" if "near_threshold_base_rate" in g else ""
+            vs = lambda k: f"{r[k]:.3f}" if k in r else "(is one-shot)"  # noqa: E731
+            print(f"| {r['model']} | {r.get('chunk_tokens') or 'off'} | "
+                  f"{r['greedy_token_match']:.3f} | {vs('token_match_vs_one_shot')} | "
+                  f"{vs('live_match_vs_one_shot')} | {r['live_count_match']:.3f} | "
+                  f"{r['mechanics_live_count_match']:.3f} | {gap} | {base} |")
+
+
+def prefix():
+    header("model", "engine", "prefix + input / out", "prefix caching", "concurrency x prompts",
+           "failed", "hit rate", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms", "output tok/s")
+    for rows in files("serve-prefix"):
+        for r in rows:
+            if "output_throughput" not in r:
+                continue
+            hit = f"{r['hit_rate']:.3f}" if r.get("hit_rate") is not None else "-"
+            print(f"| {r['model']} | {r['engine']} | {r['prefix_len']} + {r['input_len']} / "
+                  f"{r['output_len']} | {'on' if r['prefix_caching'] else 'off'} | "
+                  f"{r['max_concurrency']} x {r['num_prompts']} | {r['failed']} | {hit} | "
+                  f"{r['mean_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['mean_tpot_ms']:.2f} | "
+                  f"{r['output_throughput']:.0f} |")
+
+
+def gpu_suite():
+    header("JUnit file", "test file", "passed", "failed", "errors", "skipped")
+    for path in sorted(glob.glob(os.path.join(ROOT, "junit-gpu-*.xml"))):
+        per = {}
+        for tc in ET.parse(path).iter("testcase"):
+            state = next((c.tag for c in tc if c.tag in ("failure", "error", "skipped")), "passed")
+            per.setdefault(tc.get("classname"), Counter())[state] += 1
+        for cls, c in sorted(per.items()):
+            print(f"| {os.path.basename(path)} | {cls} | {c['passed']} | {c['failure']} | "
+                  f"{c['error']} | {c['skipped']} |")
+
+
 def serve():
     header("model", "engine", "concurrency x prompts", "in/out tokens", "failed",
            "output tok/s", "x BF16", "mean TTFT ms", "mean TPOT ms", "peak waiting",
            "peak KV usage", "GPU util")
     for rows in files("serve"):
-        rows = [r for r in rows if "output_throughput" in r]
+        rows = [r for r in rows if "output_throughput" in r and not r.get("prefix_len")]
         base = {r["model"]: r["output_throughput"] for r in rows if r["engine"] == "vllm-bf16"}
         for r in rows:
             x = r["output_throughput"] / base[r["model"]] if r["model"] in base else float("nan")
@@ -78,7 +127,22 @@ def mechanics():
                       f"{r['mechanics_max_abs_logprob_diff']:.4f} | {r['cuda_graphs']} |")
 
 
+TABLES = dict(speed=speed, correctness=correctness, mechanics=mechanics, serve=serve,
+              quality=quality, chunked=chunked, prefix=prefix, gpu_suite=gpu_suite)
+
 if __name__ == "__main__":
-    for table in (speed, correctness, mechanics, serve, quality):
-        table()
-        print()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tables", nargs="*", choices=sorted(TABLES), default=list(TABLES))
+    ap.add_argument("--out", help="also write the tables to this Markdown file")
+    a = ap.parse_args()
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        for name in a.tables:
+            print(f"### {name}\n")
+            TABLES[name]()
+            print()
+    print(buf.getvalue(), end="")
+    if a.out:
+        open(a.out, "w").write(buf.getvalue())

@@ -138,6 +138,27 @@ def test_multi_turn_prompt_takes_the_finished_rows(dms, llama_dir):  # noqa: F81
     assert slot_a in CHANNEL.release, "the worker frees the rows at its next step"
 
 
+def test_prompt_logprobs_request_does_not_read_the_cache(dms, llama_dir):  # noqa: F811
+    """vLLM's rule: a request asking for prompt_logprobs computes its whole prompt (cached rows
+    would give no logprobs); it still leaves an entry for later turns."""
+    sched, mgr, worker = setup(dms, llama_dir)
+    a = request("a", range(100, 140), 6)
+    sched.add_request(a)
+    run(sched, worker, check=lambda: invariants(mgr))
+    turn2 = list(a.all_token_ids) + [9] * 10
+    b = Request(request_id="b", prompt_token_ids=turn2, pooling_params=None,
+                sampling_params=SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=1),
+                block_hasher=get_request_block_hasher(16, sha256))
+    assert b.skip_reading_prefix_cache
+    sched.add_request(b)
+    out = sched.schedule()
+    (new,) = out.scheduled_new_reqs
+    assert new.num_computed_tokens == 0 and out.num_scheduled_tokens["b"] == len(turn2)
+    assert len(mgr.cache) == 1, "the finished turn's entry stays for a later hit"
+    sched.update_from_output(out, worker.step(sched, out))
+    run(sched, worker, check=lambda: invariants(mgr))
+
+
 def test_no_entry_from_aborted_or_preempted_and_no_hit_without_extension(dms, llama_dir):  # noqa: F811,E501
     sched, mgr, worker = setup(dms, llama_dir)
     sched.add_request(request("x", range(200, 230), 50))

@@ -119,7 +119,8 @@ class PrefixEntries:
     def get_computed_blocks(self, request: Request) -> tuple[Any, int, int]:
         rid = request.request_id
         self._pending.pop(rid, None)
-        if self.cache is None or rid in self._slot_of:
+        # prompt_logprobs requests skip reading (vLLM's rule): their cached rows give no logprobs
+        if self.cache is None or rid in self._slot_of or request.skip_reading_prefix_cache:
             return self.empty_kv_cache_blocks, 0, 0
         # at least one prompt token must run: it makes the first output
         e = self.cache.match(list(request.all_token_ids), request.num_tokens - 1)

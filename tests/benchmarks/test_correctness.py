@@ -25,6 +25,7 @@ def test_gap_analysis_classifies_rows_by_their_causes():
     # (0,0) and (1,1) have only the near flip at or below them; (2,1) also has the far one
     assert g["rows_explained"] == 2 and g["rows_without_cause"] == 0
     assert abs(g["explained_fraction"] - 2 / 3) < 1e-12
+    assert g["decisions_judged"] == 24 and g["near_threshold_all"] == 1
     assert {(e["layer"], e["key"], e["head"]) for e in g["examples"]} == {(0, 1, 0), (2, 3, 1)}
 
 

@@ -98,6 +98,13 @@ for line in sys.stdin:  # one job per line: {"prompts": [[ids]], "n": tokens, "m
     job = json.loads(line)
     res = dict(tokens=greedy(llm, job["prompts"], job["n"]) if job["prompts"] else [])
     res.update({p: metric(llm, p) for p in job.get("metrics", [])})
+    if job.get("score"):  # top-1 logprob minus the sequence's own token's, per position >= start
+        from vllm import SamplingParams
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
+        outs = llm.generate([{"prompt_token_ids": s} for s in job["score"]], sp, use_tqdm=False)
+        res["gaps"] = [[max(x.logprob for x in d.values()) - d[t].logprob
+                        for t, d in zip(s[k:], o.prompt_logprobs[k:])]
+                       for s, k, o in zip(job["score"], job["start"], outs)]
     print(MARK + json.dumps(res), flush=True)
 """
 
@@ -147,6 +154,14 @@ class Engine:
     def tokens(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         return self.greedy(prompts, n)["tokens"]
 
+    def gaps(self, seqs: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """How far each token of seqs[i][starts[i]:] is from this engine's greedy choice
+        (top-1 logprob minus the token's, 0 where it is the top-1), scored as one prompt."""
+        self.ready()
+        self.proc.stdin.write(json.dumps(dict(prompts=[], n=0, score=seqs, start=starts)) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()["gaps"]
+
     def metric(self, prefix: str) -> float:
         """Sum of vLLM's metrics named prefix* (needs disable_log_stats=False)."""
         return self.greedy([], 0, metrics=(prefix,))[prefix]
@@ -160,6 +175,17 @@ class Engine:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def assert_near_greedy(ref: Engine, prompts: list[list[int]], outputs: list[list[int]],
+                       tol: float) -> float:
+    """Every output token is the reference engine's greedy choice up to `tol` nats: where two
+    paths read K/V differently (FP8 arena vs in-flight bf16), a random-weight model's near-ties
+    may flip, a wrong live set moves logprobs by far more. Returns the largest gap."""
+    gaps = ref.gaps([p + o for p, o in zip(prompts, outputs)], [len(p) for p in prompts])
+    worst = max((max(g) for g in gaps if g), default=0.0)
+    assert worst <= tol, f"largest gap {worst:.3f} > {tol}: {[max(g or [0]) for g in gaps]}"
+    return worst
 
 
 def started(*engines: Engine) -> list[Engine]:

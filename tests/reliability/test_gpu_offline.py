@@ -7,7 +7,8 @@ decoding, ignore_eos; vLLM's defaults otherwise (chunked prefill and prefix cach
 """
 import pytest
 
-from gpu_util import UTIL, Engine, build_checkpoints, kv_bytes_for_blocks, prompts, run_py, started
+from gpu_util import (UTIL, Engine, assert_near_greedy, build_checkpoints, kv_bytes_for_blocks,
+                      prompts, run_py, started)
 
 pytestmark = pytest.mark.gpu
 COMMON = dict(max_model_len=1024, max_num_seqs=8, seed=0, gpu_memory_utilization=UTIL,
@@ -15,6 +16,10 @@ COMMON = dict(max_model_len=1024, max_num_seqs=8, seed=0, gpu_memory_utilization
 EAGER = dict(COMMON, enforce_eager=True)
 STOCK = {"VLLM_PLUGINS": "none_but_stock"}
 SHARED = pytest.mark.xdist_group("dms-eager")  # --dist loadgroup: one dms_eager per run
+# Paths that read K/V differently (a recompute or a continuation reads FP8 rows that a fresh
+# prefill reads in bf16) may flip this random-weight model's near-ties: their tokens must be the
+# other path's greedy choice within TOL nats (the CPU tier measured 0.15-0.32 for such gaps).
+TOL = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_r5_engines_in_one_process_dense_dms_dense_dms(ckpts, dms_eager, plain_e
     assert res[1] == res[3] == dms_eager.tokens(ps, 48)  # other max_num_seqs: own arena
 
 
-def test_r14_forced_preemption_same_tokens_and_counted(ckpts):
+def test_r14_forced_preemption_counted_and_near_greedy(ckpts):
     dms, _ = ckpts
     ps = prompts(8, 128, seed=14)
     kw = dict(EAGER, kv_cache_dtype="dms_fp8", disable_log_stats=False)
@@ -90,12 +95,10 @@ def test_r14_forced_preemption_same_tokens_and_counted(ckpts):
     try:
         t = tiny.greedy(ps, 384, metrics=["vllm:num_preemptions"])
         r = roomy.greedy(ps, 384, metrics=["vllm:num_preemptions"])
+        assert t["vllm:num_preemptions"] > 0 and r["vllm:num_preemptions"] == 0
+        assert_near_greedy(roomy, ps, t["tokens"], TOL)  # recomputed requests: near-greedy
     finally:
         closing(tiny, roomy)
-    assert t["vllm:num_preemptions"] > 0 and r["vllm:num_preemptions"] == 0
-    diverge = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
-               for x, y in zip(t["tokens"], r["tokens"])]
-    assert t["tokens"] == r["tokens"], f"first differing token per request: {diverge}"
 
 
 @SHARED
@@ -134,11 +137,10 @@ def test_r23_multi_turn_resend_matches_fresh_prompt(ckpts, dms_eager):
         out["hits"] = metric(llm, "vllm:prefix_cache_hits")
     """, dict(model=ckpts[0], turn1=turn1, more=prompts(1, 30, seed=24)[0],
               kw=dict(EAGER, disable_log_stats=False)))
-    fresh = dms_eager.tokens([res["turn2"]], 40)[0]
     # prefix caching (on by default) takes turn 1's rows: turn 2 reads turn 1 from the FP8
-    # arena where a fresh prefill reads it in bf16, so the bound of test_r20 applies
-    assert res["a2"][:16] == fresh[:16] and sum(a == b for a, b in zip(res["a2"], fresh)) >= 36
+    # arena where a fresh prefill reads it in bf16
     assert res["hits"] >= 150, res["hits"]
+    assert_near_greedy(dms_eager, [res["turn2"]], [res["a2"]], TOL)
 
 
 def test_r24_kernel_overflow_fails_the_engine_no_hang(ckpts):
@@ -147,7 +149,9 @@ def test_r24_kernel_overflow_fails_the_engine_no_hang(ckpts):
         llm = LLM(A["model"], kv_cache_dtype="dms_fp8", **A["kw"])
         greedy(llm, A["prompts"], 8)
         from vllm_dms.runtime import get_runtime
-        get_runtime().overflow_host[0] = 1  # as if a kernel had hit its capacity check
+        import torch
+        with torch.inference_mode():  # the runtime's buffers are inference tensors
+            get_runtime().overflow_host[0] = 1  # as if a kernel had hit its capacity check
         try:
             greedy(llm, A["prompts"], 8)
             out["error"] = None
