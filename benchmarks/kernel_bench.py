@@ -124,7 +124,8 @@ def graph_timed(fn, reps: int = 20) -> float:
 
 def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     from vllm_dms.kernels.arena_ops import dms_decode_store, dms_prefill_pack
-    from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
+    from vllm_dms.kernels.decode import (decode_splits, decode_workspace, dms_decode_attention,
+                                         workspace_for)
     from vllm_dms.runtime import DECODE_SPLITS
     lay, kv = arena_for(H, D, W, T, c)
     g = torch.Generator(device=DEV).manual_seed(1)
@@ -140,14 +141,15 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     q = torch.randn(c, Hq, D, device=DEV, generator=g).to(torch.bfloat16)
     kn = torch.randn(c, H, D, device=DEV, generator=g).to(torch.bfloat16)
     out = torch.empty_like(q)
-    ws = decode_workspace(c, Hq, D, DECODE_SPLITS, DEV)
+    splits = decode_splits(c, H, DECODE_SPLITS)  # what the backend runs at this batch
+    ws = workspace_for(decode_workspace(c, Hq, D, DECODE_SPLITS, DEV), c, splits)
     pos = torch.full((c,), T, **i32)
     lanes = q[:, ::G, D - 1]
-    attn = timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out, ws.acc, ws.m,
-                                              ws.l, carrier=True))
+    attn = timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out, *ws,
+                                              carrier=True))
     attn_graph = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
-                                                          ws.acc, ws.m, ws.l, carrier=True))
-    sweep = {}  # split-K programs per (request, kv head): the runtime uses DECODE_SPLITS
+                                                          *ws, carrier=True))
+    sweep = {}  # split-K programs per (request, kv head): the backend uses decode_splits
     for ns in (2, 4, 8, 16, 32):
         w = decode_workspace(c, Hq, D, ns, DEV)
         sweep[ns] = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
@@ -167,7 +169,7 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     live_mean = float(live[1:c + 1].float().mean()) / H
     return dict(kernel="decode", shape=name, c=c, T=T, W=W, evict=evict,
                 live_tokens_per_row=live_mean, attention_us=attn, store_us=store_us,
-                attention_graph_us=attn_graph, splits=DECODE_SPLITS,
+                attention_graph_us=attn_graph, splits=splits,
                 attention_graph_us_by_splits=sweep,
                 attention_graph_gb_s=kv_bytes / attn_graph / 1e3 if attn_graph == attn_graph
                 else float("nan"),

@@ -236,7 +236,7 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         assert output is not None, "DMS backend writes into vLLM's output buffer"
         if attn_metadata is None:  # profiling / dummy run: no arena traffic
             return output.fill_(0)
-        from vllm_dms.kernels.decode import dms_decode_attention
+        from vllm_dms.kernels.decode import decode_splits, dms_decode_attention, workspace_for
         from vllm_dms.kernels.arena_ops import dms_decode_store
         from vllm_dms.kernels.pack import dms_prefill_pack
         from vllm_dms.kernels.prefill import dms_prefill_attention, survivor_index
@@ -258,8 +258,10 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
             dms_decode_store(kv, layout, k[:nd], v[:nd], lanes[:nd], md.decode_pos,
                              md.slots[:nd], dms.decision_shift, pages, rt.overflow,
                              live=rt.slot_live, alpha=(dms.alpha_scale, dms.alpha_offset))
+            acc, m, l_ = workspace_for(rt.ws, nd, decode_splits(nd, layout.num_kv_heads,
+                                                                rt.ws.acc.shape[2]))
             dms_decode_attention(q[:nd], kv, layout, md.slots[:nd], self.scale, out[:nd],
-                                 rt.ws.acc[:nd], rt.ws.m[:nd], rt.ws.l[:nd], carrier=True)
+                                 acc, m, l_, carrier=True)
         if md.num_prefills:
             dec = dms.decisions_from_lane(lanes[nd:])
             kp, vp = k[nd:], v[nd:]

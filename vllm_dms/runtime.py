@@ -15,7 +15,7 @@ import torch
 from vllm_dms.arena import ArenaLayout
 from vllm_dms.config import DMSConfig
 
-DECODE_SPLITS = 16  # split-K programs per (request, kv head); fixed so decode stays graph-safe
+DECODE_SPLITS = 16  # most split-K programs per (request, kv head): the workspace's size
 
 
 class DMSRuntime:

@@ -334,3 +334,18 @@ def test_decode_store_overflow_concurrent(kit):
     st.free_stack[:left - 100] = hidden
     st.free_top[0] = left - 100
     kit.check_pages_conserved(kv, lay)
+
+
+def test_decode_split_rule_and_workspace_views():
+    """~256 programs per launch (benchmarks/kernel_bench.py sweep): 16 at c=1, 4 at c=8, 2 from
+    c=32 on; never above the workspace's split count; views are contiguous and disjoint-free."""
+    from vllm_dms.kernels.decode import decode_splits, workspace_for
+    assert [decode_splits(c, 8, 16) for c in (1, 2, 4, 8, 16, 32, 256)] == [16, 16, 8, 4, 2, 2, 2]
+    assert decode_splits(1, 1, 8) == 8 and decode_splits(64, 8, 1) == 1
+    ws = decode_workspace(32, 12, 16, 16, "cpu")
+    acc, m, l = workspace_for(ws, 5, 4)
+    assert acc.shape == (5, 12, 4, 16) and m.shape == l.shape == (5, 12, 4)
+    assert all(t.is_contiguous() for t in (acc, m, l))
+    assert acc.data_ptr() == ws.acc.data_ptr() and l.data_ptr() == ws.l.data_ptr()
+    with pytest.raises(AssertionError):
+        workspace_for(ws, 33, 4)

@@ -29,6 +29,30 @@ class DecodeWorkspace(NamedTuple):
     l: torch.Tensor    # fp32 [max_batch, Hq, NS]
 
 
+# Split-K programs per (request, KV head): about 256 programs in all (two per SM of an H200's
+# 132) by the graph-replayed sweep of benchmarks/kernel_bench.py (2026-12-04, 8K context, cr 8,
+# H=8): c=8 best at 4 splits (12.1 us vs 12.3 at 16), c=32 at 2 (27.7 vs 36.6, Llama shape;
+# Qwen3 shape 59.8 vs 68.8). A function of the batch size alone, so each CUDA graph size keeps
+# its own count.
+DECODE_PROGRAMS = 256
+
+
+def decode_splits(batch: int, num_kv_heads: int, max_splits: int) -> int:
+    """Split count for a decode batch: a power of two in [min(2, max_splits), max_splits]."""
+    want = max(1, DECODE_PROGRAMS // max(1, batch * num_kv_heads))
+    return max(min(2, max_splits), min(max_splits, 1 << (want.bit_length() - 1)))
+
+
+def workspace_for(ws: "DecodeWorkspace", batch: int, splits: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous [batch, Hq, splits(, D)] views at the start of a larger workspace."""
+    rows, Hq, max_splits, D = ws.acc.shape
+    assert batch <= rows and 1 <= splits <= max_splits, (batch, splits, ws.acc.shape)
+    n = batch * Hq * splits
+    return (ws.acc.view(-1)[:n * D].view(batch, Hq, splits, D),
+            ws.m.view(-1)[:n].view(batch, Hq, splits), ws.l.view(-1)[:n].view(batch, Hq, splits))
+
+
 def decode_workspace(max_batch: int, Hq: int, D: int, num_splits: int,
                      device: torch.device | str) -> DecodeWorkspace:
     """Preallocate the split-K scratch once (outside graph capture)."""
