@@ -49,18 +49,13 @@ class DMSConfig:
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
-    @property
-    def threshold(self) -> float:
-        """Evict iff fp32(q_lane) > threshold (equivalent to scale*q - offset > 0, scale > 0)."""
-        return self.alpha_offset / self.alpha_scale
-
     def decisions_from_lane(self, lane: "Any") -> "Any":
         """Exact decision from the raw borrowed-lane values (any tensor), compared in fp32."""
         return lane.float() * self.alpha_scale - self.alpha_offset > 0
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(group=self.group, threshold=self.threshold)
+        d.update(group=self.group)
         return d
 
     # ---------------------------------------------------------------- construction

@@ -116,13 +116,13 @@ def _prepare_dms(args: Any) -> DMSConfig:
     _reject_unsupported(args)
     switched_off = []
     if args.enable_prefix_caching is None:
-        # Opt-in until its engine run on a GPU: finished requests' rows, reused whole by a
-        # prompt that extends them (vllm_dms.prefix_cache).
+        # Off unless asked for: DMS prefix reuse (vllm_dms.prefix_cache) has passed CPU
+        # engine tests only, so no user gets it without choosing it.
         args.enable_prefix_caching = False
         switched_off.append("prefix caching (--enable-prefix-caching turns it on)")
     if args.enable_chunked_prefill is None:
-        # Opt-in until its engine run on a GPU (its kernels and impl path pass CPU tests). With
-        # it off and max_num_batched_tokens unset, vLLM raises the token budget to
+        # Off unless asked for: the continuation-chunk path has passed CPU engine tests only.
+        # With it off and max_num_batched_tokens unset, vLLM raises the token budget to
         # >= max_model_len itself (EngineArgs._set_default_max_num_seqs_...).
         args.enable_chunked_prefill = False
         switched_off.append("chunked prefill (--enable-chunked-prefill turns it on)")
