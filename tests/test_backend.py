@@ -341,3 +341,11 @@ def test_snapshot_order_of_a_request_not_in_the_batch_reports_nothing():
     assert (int(rt.slot_ntok[3]), int(rt.slot_tag[3])) == (16, 5), "the packed one reports"
     assert (int(rt.slot_ntok[2]), int(rt.slot_tag[2])) == (4, 9), "the skipped one does not"
     assert int(rt.slot_ntok[0]) == 0, "nothing lands on the padding slot"
+
+
+def test_backend_declares_only_what_the_kernels_and_startup_check_accept():
+    from vllm_dms.backend import DMSCompactAttentionBackend as B
+    from vllm_dms.config import DMS_MODEL_DTYPE, compact_head_size_ok
+    assert B.supported_dtypes == [getattr(torch, DMS_MODEL_DTYPE)], "fp16 would die in a kernel"
+    assert [d for d in range(8, 264, 8) if B.supports_head_size(d)] == list(range(16, 257, 16))
+    assert not compact_head_size_ok(72)
