@@ -231,5 +231,5 @@ def test_float16_checkpoint_is_refused_naming_dtype_unless_bf16_is_asked(tmp_pat
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_explicit_non_bf16_dtype_is_refused(dtype):
-    with pytest.raises(DMSConfigError, match=f"^--dtype: --dtype {dtype}, .*bfloat16 only"):
+    with pytest.raises(DMSConfigError, match=f"^--dtype {dtype}: the DMS kernels run bfloat16"):
         check_serving(ckpt("ckpt_nvidia_qwen3"), dtype=dtype)

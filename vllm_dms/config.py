@@ -143,7 +143,7 @@ def check_serving(model_dir: str, hf_overrides: dict | None = None,
     served = served_dtype(hf, dtype)
     if served not in (None, DMS_MODEL_DTYPE):
         raise DMSConfigError(dtype_refusal(
-            f"--dtype auto keeps the checkpoint's torch_dtype {served}"
+            f"--dtype auto (the checkpoint's torch_dtype {served})"
             if str(dtype).lower() == "auto" else f"--dtype {served}"))
     return dms
 
@@ -165,10 +165,10 @@ def served_dtype(hf: dict, dtype: Any) -> str | None:
 
 
 def dtype_refusal(how: str) -> str:
-    """The message for a model dtype other than bf16; ``how``: how that dtype came about."""
-    return (f"--dtype: {how}, but the DMS kernels run {DMS_MODEL_DTYPE} only with "
-            f"--kv-cache-dtype dms_fp8; pass --dtype {DMS_MODEL_DTYPE} (or use another "
-            "--kv-cache-dtype)")
+    """The message for a model dtype other than bf16; ``how``: "--dtype ..." and how that
+    dtype came about (the message names the flag first)."""
+    return (f"{how}: the DMS kernels run {DMS_MODEL_DTYPE} only with --kv-cache-dtype "
+            f"dms_fp8; pass --dtype {DMS_MODEL_DTYPE} (or use another --kv-cache-dtype)")
 
 
 def _read_config(model_dir: str, hf_overrides: dict | None) -> dict:

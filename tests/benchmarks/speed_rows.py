@@ -1,4 +1,4 @@
-"""Synthetic bench_speed worker rows (what one worker process prints per c), for the report tests."""
+"""Synthetic bench_speed worker rows (one worker process prints one per c), for report tests."""
 
 
 def row(engine: str, c: int, decode: float, prefill: float, **kw) -> dict:

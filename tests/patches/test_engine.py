@@ -281,7 +281,8 @@ def test_finish_refuses_a_dtype_vllm_resolved_to_other_than_bf16(monkeypatch, dt
     from vllm_dms.config import DMSConfigError
     from vllm_dms.patches import engine
     vc = NS(scheduler_config=NS(), cache_config=NS(), model_config=NS(dtype=dtype))
-    with pytest.raises(DMSConfigError, match="^--dtype: vLLM resolved --dtype auto to float"):
+    want = r"^--dtype auto \(resolved by vLLM to float.*bfloat16 only"
+    with pytest.raises(DMSConfigError, match=want):
         engine._finish_dms(vc)
 
 

@@ -5,9 +5,10 @@ user's process for ``vllm.LLM``), before any GPU work, so bad checkpoints and un
 flags fail fast with a message naming the field or flag.
 
 * ``kv_cache_dtype == "dms_fp8"``: ``check_serving`` on the local checkpoint (the checks
-  ``vllm-dms inspect`` runs: DMS fields, head size, KV-cache scales, model dtype); architectures routed
-  to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
-  when the user asked for them and switched off (one log line) when merely on by default;
+  ``vllm-dms inspect`` runs: DMS fields, head size, KV-cache scales, model dtype);
+  architectures routed to the DMS model class; attention backend CUSTOM; features DMS cannot
+  serve are rejected when the user asked for them and switched off (one log line) when merely
+  on by default;
   afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
   when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
@@ -189,7 +190,7 @@ def _finish_dms(vllm_config: Any, chunked: bool = False, prefix: bool = False,
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
     served = str(vllm_config.model_config.dtype).removeprefix("torch.")
     if served != DMS_MODEL_DTYPE:  # what check_serving could not predict (platform fallback)
-        raise DMSConfigError(dtype_refusal(f"vLLM resolved --dtype {dtype} to {served}"))
+        raise DMSConfigError(dtype_refusal(f"--dtype {dtype} (resolved by vLLM to {served})"))
     backend = vllm_config.attention_config.backend
     if (cc.enable_prefix_caching and not prefix) or (sc.enable_chunked_prefill and not chunked):
         raise DMSConfigError(
