@@ -1,11 +1,15 @@
-"""Side-by-side decode/prefill benchmark: vLLM BF16, vLLM FP8, TurboQuant and dms_fp8, one run.
+"""Side-by-side decode/prefill benchmark: vLLM BF16, vLLM FP8, TurboQuant and dms_fp8.
 
 Each engine runs in its own process on the same checkpoint (a calibrated synthetic DMS
 checkpoint, dummy weights) and the same real-text prompts (Project Gutenberg, wrapped to ctx
 tokens, a different offset per request). Dense pools are exact-sized (kv_cache_memory_bytes =
 c_max requests of ctx+gen tokens); dms_fp8 gets the FP8 pool's bytes. Timing follows the vLLM
 protocol used by FastDMS: after a warm-up, prefill tok/s = c*ctx / T(1 token) and decode tok/s =
-c*(gen-1) / (T(gen) - T(1)), best of 2.
+c*(gen-1) / (T(gen) - T(1)), best of 2 within a process. Each engine's process is started
+--repeats times, interleaved with the other engines (A, B, A, B, ...), so host drift and
+clock changes hit all of them; a row reports the median of those runs under the usual field
+name, plus every run (``*_runs``) and their min/max (``*_spread``). The JSON, its Markdown
+table and its chart (``plot_speed.py``) are written after every run, for any set of engines.
 
     python benchmarks/bench_speed.py --model DIR --name qwen3-8b --out-dir results/ [--conc 1 8 32]
 """
@@ -16,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -131,35 +136,77 @@ def dms_bytes_per_seq(c: int) -> float:
 
 
 def driver(a) -> None:
-    rows = []
-    for eng in a.engines:
-        cmd = [sys.executable, __file__, "--worker", "--engine", eng, "--model", a.model,
-               "--ctx", str(a.ctx), "--gen", str(a.gen), "--conc", *map(str, a.conc),
-               "--profile-c", str(a.profile_c)]
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        t0 = time.time()
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-        except subprocess.TimeoutExpired as e:
-            p = subprocess.CompletedProcess(cmd, -9, (e.stdout or b"").decode(errors="replace"),
-                                            f"timeout after {a.timeout}s")
-        got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
-        for line in p.stdout.splitlines():
-            if line.startswith("[profile") or line.startswith("   "):
-                print(line, flush=True)
-        if p.returncode != 0 or not got:
-            tail = (p.stderr or "")[-1500:]
-            print(f"[{eng}] FAILED rc={p.returncode} in {time.time() - t0:.0f}s\n{tail}", flush=True)
-            rows.append(dict(engine=eng, error=tail[-400:]))
-        print(f"[{eng}] {time.time() - t0:.0f}s", flush=True)
-        for r in got:
-            print(f"[{eng}] c={r['c']} prefill {r['prefill_tok_s']:.0f} tok/s decode "
-                  f"{r['decode_tok_s']:.1f} tok/s peak {r['cuda_peak_gib']:.2f} GiB", flush=True)
-        rows += got
-        save(a, rows)  # after every engine: a run cut short still leaves its rows
+    runs = []  # every run's rows, in run order
+    for rep in range(a.repeats):
+        for eng in a.engines:  # interleaved (A, B, C, A, B, C, ...): drift hits every engine
+            runs += run_engine(a, eng, profile=rep == 0)
+            save(a, runs)  # after every run: a session cut short still leaves its rows
 
 
-def save(a, rows) -> None:
+def run_engine(a, eng: str, profile: bool) -> list[dict]:
+    """One worker process for one engine: its rows (one per c), or one error row."""
+    cmd = [sys.executable, __file__, "--worker", "--engine", eng, "--model", a.model,
+           "--ctx", str(a.ctx), "--gen", str(a.gen), "--conc", *map(str, a.conc),
+           "--profile-c", str(a.profile_c if profile else 0)]  # the profile is one run's
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired as e:
+        p = subprocess.CompletedProcess(cmd, -9, (e.stdout or b"").decode(errors="replace"),
+                                        f"timeout after {a.timeout}s")
+    got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
+    for line in p.stdout.splitlines():
+        if line.startswith("[profile") or line.startswith("   "):
+            print(line, flush=True)
+    print(f"[{eng}] {time.time() - t0:.0f}s", flush=True)
+    if p.returncode != 0 or not got:
+        tail = (p.stderr or "")[-1500:]
+        print(f"[{eng}] FAILED rc={p.returncode}\n{tail}", flush=True)
+        return [dict(engine=eng, error=tail[-400:])]
+    for r in got:
+        print(f"[{eng}] c={r['c']} prefill {r['prefill_tok_s']:.0f} tok/s decode "
+              f"{r['decode_tok_s']:.1f} tok/s peak {r['cuda_peak_gib']:.2f} GiB", flush=True)
+    return got
+
+
+SPREAD_KEYS = ("decode_tok_s", "prefill_tok_s")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (engine, c) over the repeated runs: the median under the run's own field
+    name, every run's value (``*_runs``) and their (min, max) (``*_spread``). The other fields
+    are those of the run nearest the median decode; an engine with no good run keeps one error
+    row. ``runs`` / ``failed_runs`` count them."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    failed: dict[str, list[dict]] = {}
+    for r in runs:
+        if "c" in r:
+            groups.setdefault((r["engine"], r["c"]), []).append(r)
+        else:
+            failed.setdefault(r["engine"], []).append(r)
+    out = [_merge(rs, len(failed.get(eng, ()))) for (eng, _), rs in groups.items()]
+    measured = {eng for eng, _ in groups}
+    out += [dict(rs[-1], failed_runs=len(rs)) for eng, rs in failed.items() if eng not in measured]
+    return out
+
+
+def _merge(rs: list[dict], failed_runs: int) -> dict:
+    med = statistics.median(r["decode_tok_s"] for r in rs)
+    row = dict(min(rs, key=lambda r: abs(r["decode_tok_s"] - med)))
+    for key in SPREAD_KEYS:
+        vals = [r[key] for r in rs]
+        row.update({key: statistics.median(vals), key + "_runs": vals,
+                    key + "_spread": [min(vals), max(vals)]})
+    profiled = [r["decode_profile"] for r in rs if "decode_profile" in r]
+    if profiled:
+        row["decode_profile"] = profiled[0]
+    row.update(runs=len(rs), failed_runs=failed_runs)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """decode/prefill x BF16 and decode x FP8 from the medians; absent without that engine."""
     base = {r["c"]: r for r in rows if r.get("engine") == "vllm-bf16" and "c" in r}
     fp8 = {r["c"]: r for r in rows if r.get("engine") == "vllm-fp8" and "c" in r}
     for r in rows:
@@ -168,37 +215,22 @@ def save(a, rows) -> None:
             r["prefill_x_bf16"] = r["prefill_tok_s"] / base[r["c"]]["prefill_tok_s"]
         if "c" in r and r["c"] in fp8:
             r["decode_x_fp8"] = r["decode_tok_s"] / fp8[r["c"]]["decode_tok_s"]
+
+
+def save(a, runs) -> None:
+    rows = aggregate(runs)
+    add_ratios(rows)
     meta = dict(model=a.name, commit=os.environ.get("VLLM_DMS_COMMIT", "unknown"),
-                date=datetime.date.today().isoformat(), device=_device(), vllm_version=_vllm())
+                date=datetime.date.today().isoformat(), device=_device(), vllm_version=_vllm(),
+                repeats=a.repeats)
     for r in rows:
         r.update(meta)
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"speed-{a.name}-{meta['date']}")
     json.dump(rows, open(stem + ".json", "w"), indent=1)
-    open(stem + ".md", "w").write(markdown(rows, meta))
+    from plot_speed import write  # benchmarks/ is on sys.path (this script's folder)
+    write(stem + ".json")
     print(open(stem + ".md").read(), flush=True)
-    try:
-        from plot_speed import plot  # benchmarks/ is on sys.path (this script's folder)
-        plot(stem + ".json")
-    except ImportError:
-        print("matplotlib missing: no PNG (python benchmarks/plot_speed.py FILE later)")
-
-
-def markdown(rows, meta) -> str:
-    lines = [f"# Speed, {meta['model']} ({meta['device']}, vLLM {meta['vllm_version']}, "
-             f"commit {meta['commit']}, {meta['date']})", "",
-             "| engine | c | prefill tok/s | decode tok/s | decode x BF16 | decode x FP8 | "
-             "prefill x BF16 | KV bytes/seq | CUDA peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "c" not in r:
-            lines.append(f"| {r['engine']} | - | failed | | | | | | |")
-            continue
-        f = lambda k, fmt="{:.2f}": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['engine']} | {r['c']} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.1f} | {f('decode_x_bf16')} | {f('decode_x_fp8')} | "
-                     f"{f('prefill_x_bf16')} | {f('kv_bytes_per_seq', '{:.0f}')} | "
-                     f"{r['cuda_peak_gib']:.2f} |")
-    return "\n".join(lines) + "\n"
 
 
 def _device() -> str:
@@ -221,6 +253,8 @@ def main():
     ap.add_argument("--engines", nargs="+", default=list(ENGINES))
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each engine, interleaved; rows report the median and spread")
     ap.add_argument("--profile-c", type=int, default=0,
                     help="also profile decode kernels at this concurrency (0: off)")
     ap.add_argument("--worker", action="store_true")

@@ -31,10 +31,15 @@ def speed():
         bf16 = {(r["model"], r["c"]): r["kv_bytes_per_seq"] for r in rows
                 if r["engine"] == "vllm-bf16"}
         for r in rows:
+            less = bf16.get((r["model"], r["c"]))  # absent when BF16 did not run: "-"
             print(f"| {r['model']} | {r['engine']} | {r['c']} | {r['decode_tok_s']:.1f} | "
-                  f"{r['decode_x_bf16']:.2f} | {r.get('decode_x_fp8', float('nan')):.2f} | "
-                  f"{r['prefill_x_bf16']:.2f} | {r['kv_bytes_per_seq']:.0f} | "
-                  f"{bf16[(r['model'], r['c'])] / r['kv_bytes_per_seq']:.1f} |")
+                  f"{_num(r.get('decode_x_bf16'))} | {_num(r.get('decode_x_fp8'))} | "
+                  f"{_num(r.get('prefill_x_bf16'))} | {r['kv_bytes_per_seq']:.0f} | "
+                  f"{_num(less and less / r['kv_bytes_per_seq'], '{:.1f}')} |")
+
+
+def _num(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
 
 
 def correctness():

@@ -134,11 +134,11 @@ def test_channel_and_stats(dms, llama_dir):
     CHANNEL.reset()
     m = CHANNEL.ensure(5)
     assert CHANNEL.ensure(5) is m and m.dtype == torch.int32 and tuple(m.shape) == (5, 2)
-    assert CHANNEL.read(3) == (INVALID, 0)
+    assert CHANNEL.read_row(3)[:2] == (INVALID, 0)
     m[3] = torch.tensor([7, 9], dtype=torch.int32)  # the worker writes in place
-    assert CHANNEL.read(3) == (7, 9)
+    assert CHANNEL.read_row(3)[:2] == (7, 9)
     CHANNEL.invalidate(3)
-    assert CHANNEL.read(3) == (INVALID, 0)
+    assert CHANNEL.read_row(3)[:2] == (INVALID, 0)
     with pytest.raises(ValueError, match="5 slots"):
         CHANNEL.ensure(6)
     with pytest.raises(AttributeError):

@@ -326,3 +326,26 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
     for _, L, c, tag in orders:
         assert int(rt.slot_ntok[c]) == L and int(rt.slot_tag[c]) == tag
     assert int(rt.overflow[0]) == 0
+
+
+def test_snapshot_order_of_a_request_not_in_the_batch_reports_nothing():
+    """An order whose request slot is not among this step's prefill rows is skipped (cache slot
+    0) and its cache slot keeps its previous token count and tag: reporting L tokens under the
+    new tag would tell the scheduler that empty rows are a ready snapshot."""
+    lay, kv, rt = _arena_runtime(_dms(1, 3), 16, 8)
+    rt.slot_ntok[2], rt.slot_tag[2] = 4, 9  # what the cache slot last reported
+    md = _meta(rt, 1, 0, 21, True)
+    starts, lens, dst = rt.order_snapshots([(1, 16, 3, 5), (2, 9, 2, 7)], md.slots,
+                                           md.prefill_cu)
+    assert dst.tolist() == [3, 0] and lens.tolist() == [16, 9]
+    assert (int(rt.slot_ntok[3]), int(rt.slot_tag[3])) == (16, 5), "the packed one reports"
+    assert (int(rt.slot_ntok[2]), int(rt.slot_tag[2])) == (4, 9), "the skipped one does not"
+    assert int(rt.slot_ntok[0]) == 0, "nothing lands on the padding slot"
+
+
+def test_backend_declares_only_what_the_kernels_and_startup_check_accept():
+    from vllm_dms.backend import DMSCompactAttentionBackend as B
+    from vllm_dms.config import DMS_MODEL_DTYPE, compact_head_size_ok
+    assert B.supported_dtypes == [getattr(torch, DMS_MODEL_DTYPE)], "fp16 would die in a kernel"
+    assert [d for d in range(8, 264, 8) if B.supports_head_size(d)] == list(range(16, 257, 16))
+    assert not compact_head_size_ok(72)

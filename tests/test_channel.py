@@ -26,17 +26,17 @@ class Pending:
 def test_refresh_reads_the_newest_landed_copy_and_posts_avoid_it():
     CHANNEL.reset()
     CHANNEL.ensure(5)
-    assert CHANNEL.read(1) == (INVALID, 0)
+    assert CHANNEL.read_row(1)[:2] == (INVALID, 0)
     CHANNEL.post(rows(10, 1))
-    assert CHANNEL.read(1) == (INVALID, 0), "nothing switches before refresh"
+    assert CHANNEL.read_row(1)[:2] == (INVALID, 0), "nothing switches before refresh"
     CHANNEL.refresh()
-    assert CHANNEL.read(1) == (10, 1)
+    assert CHANNEL.read_row(1)[:2] == (10, 1)
     reading = CHANNEL.feedback
     for step in range(2 * RING):  # posts go round the other buffers, never the one being read
         CHANNEL.post(rows(20 + step, 2))
-        assert CHANNEL.feedback is reading and CHANNEL.read(1) == (10, 1)
+        assert CHANNEL.feedback is reading and CHANNEL.read_row(1)[:2] == (10, 1)
     CHANNEL.refresh()
-    assert CHANNEL.read(1) == (20 + 2 * RING - 1, 2), "the newest post wins"
+    assert CHANNEL.read_row(1)[:2] == (20 + 2 * RING - 1, 2), "the newest post wins"
     CHANNEL.reset()
 
 
@@ -49,10 +49,10 @@ def test_a_copy_in_flight_is_never_read():
     newest = max(range(RING), key=lambda j: CHANNEL._seq[j])
     ev = CHANNEL._events[newest] = Pending()  # ... but pretend it is still in flight
     CHANNEL.refresh()
-    assert CHANNEL.read(1) == (1, 1), "an unfinished copy is skipped"
+    assert CHANNEL.read_row(1)[:2] == (1, 1), "an unfinished copy is skipped"
     ev.done = True
     CHANNEL.refresh()
-    assert CHANNEL.read(1) == (2, 2)
+    assert CHANNEL.read_row(1)[:2] == (2, 2)
     CHANNEL.invalidate(1)  # a slot changing owner: forgotten in the buffer being read
-    assert CHANNEL.read(1) == (INVALID, 0) and CHANNEL.read(2) == (2, 2)
+    assert CHANNEL.read_row(1)[:2] == (INVALID, 0) and CHANNEL.read_row(2)[:2] == (2, 2)
     CHANNEL.reset()

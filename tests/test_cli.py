@@ -55,6 +55,37 @@ def test_inspect_separate_alpha_fails_naming_it():
     assert r.returncode != 0 and "dms_separate_alpha" in r.stderr
 
 
+def test_inspect_refuses_a_head_dim_serve_refuses():
+    # head_dim 72 passes DMSConfig's shape rule but not the kernels': serve's check refuses it
+    r = run("inspect", os.path.join(FIX, "ckpt_nvidia_qwen3"), "--hf-overrides",
+            '{"head_dim": 72}')
+    assert r.returncode != 0 and r.stdout == "" and "head_dim=72" in r.stderr
+
+
+def _fp16_copy(tmp_path, **extra):
+    d = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIX, "ckpt_nvidia_qwen3"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float16", **extra}))
+    return str(d)
+
+
+def test_inspect_refuses_a_float16_checkpoint_unless_served_as_bf16(tmp_path):
+    d = _fp16_copy(tmp_path)
+    r = run("inspect", d)
+    assert r.returncode != 0 and "--dtype" in r.stderr and "torch_dtype float16" in r.stderr
+    r = run("inspect", d, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["arch"] == "qwen3"
+
+
+def test_inspect_refuses_checkpoint_kv_scales_naming_the_field(tmp_path):
+    d = _fp16_copy(tmp_path, torch_dtype="bfloat16", quantization_config={
+        "quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8"})
+    r = run("inspect", d)
+    assert r.returncode != 0 and "quantization_config.kv_cache_quant_algo" in r.stderr
+
+
 def test_no_subcommand_is_an_error():
     r = run()
     assert r.returncode != 0 and "inspect" in r.stderr

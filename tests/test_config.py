@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_dms.config import (DMSConfig, DMSConfigError, dms_config_from_vllm,
-                             has_dms_fields)
+from vllm_dms.config import (DMSConfig, DMSConfigError, check_serving, dms_config_from_vllm,
+                             has_dms_fields, kv_scale_field, served_dtype)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -20,7 +20,7 @@ def test_nvidia_qwen3():
     c = DMSConfig.from_checkpoint(ckpt("ckpt_nvidia_qwen3"))
     assert (c.arch, c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim) == ("qwen3", 2, 4, 2, 32)
     assert (c.window, c.alpha_scale, c.alpha_offset, c.target_cr) == (512, 100.0, 5.0, 8.0)
-    assert c.decision_shift == 1 and c.group == 2 and c.threshold == pytest.approx(0.05)
+    assert c.decision_shift == 1 and c.group == 2
     assert c.source.endswith("config.json")
 
 
@@ -132,4 +132,104 @@ def test_dms_config_from_vllm():
 
 def test_summary_is_json():
     s = DMSConfig.from_checkpoint(ckpt("ckpt_nvidia_qwen3")).summary()
-    assert json.loads(json.dumps(s))["threshold"] == pytest.approx(0.05)
+    back = json.loads(json.dumps(s))
+    assert (back["group"], back["alpha_offset"], back["decision_shift"]) == (2, 5.0, 1)
+
+
+# ------------------------------------------------------------------ check_serving (serve + inspect)
+def _copy(tmp_path, name="ckpt", config=None, files=None):
+    d = tmp_path / name
+    shutil.copytree(ckpt("ckpt_nvidia_qwen3"), d)
+    if config:
+        c = json.loads((d / "config.json").read_text())
+        c.update(config)
+        (d / "config.json").write_text(json.dumps(c))
+    for fn, body in (files or {}).items():
+        (d / fn).write_text(json.dumps(body))
+    return str(d)
+
+
+def test_check_serving_accepts_what_from_checkpoint_accepts():
+    got = check_serving(ckpt("ckpt_nvidia_qwen3"))
+    assert got == DMSConfig.from_checkpoint(ckpt("ckpt_nvidia_qwen3"))
+
+
+@pytest.mark.parametrize("head_dim", [72, 40])
+def test_check_serving_refuses_head_dims_the_kernels_cannot_tile(head_dim):
+    over = {"head_dim": head_dim}
+    assert DMSConfig.from_checkpoint(ckpt("ckpt_nvidia_qwen3"), over).head_dim == head_dim
+    with pytest.raises(DMSConfigError, match=f"head_dim={head_dim} .*multiple of 16"):
+        check_serving(ckpt("ckpt_nvidia_qwen3"), over)
+
+
+@pytest.mark.parametrize("config, files, field", [
+    ({"quantization_config": {"quant_method": "compressed-tensors", "kv_cache_scheme": {
+        "type": "float", "num_bits": 8, "strategy": "tensor"}}}, {},
+     "quantization_config.kv_cache_scheme"),
+    ({"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8",
+                              "kv_cache_quant_algo": "FP8"}}, {},
+     "quantization_config.kv_cache_quant_algo"),
+    ({}, {"hf_quant_config.json": {"quantization": {"quant_algo": "FP8",
+                                                   "kv_cache_quant_algo": "FP8"}}},
+     "hf_quant_config.json.quantization.kv_cache_quant_algo"),
+    ({"quantization_config": {"quant_method": "quark", "export": {
+        "kv_cache_group": ["*k_proj", "*v_proj"]}}}, {},
+     "quantization_config.export.kv_cache_group"),
+    ({}, {"model.safetensors.index.json": {"weight_map": {
+        "model.layers.0.self_attn.q_proj.weight": "a.safetensors",
+        "model.layers.0.self_attn.v_proj.v_scale": "a.safetensors"}}},
+     "model.layers.0.self_attn.v_proj.v_scale"),
+])
+def test_checkpoint_kv_scales_are_refused_naming_the_field(tmp_path, config, files, field):
+    d = _copy(tmp_path, config=config, files=files)
+    assert kv_scale_field(d, json.load(open(os.path.join(d, "config.json")))) == field
+    with pytest.raises(DMSConfigError) as e:
+        check_serving(d)
+    assert field in str(e.value) and "dms_fp8" in str(e.value) and "--kv-cache-dtype" in str(
+        e.value)
+
+
+def test_kv_scale_entry_found_in_a_safetensors_header(tmp_path):
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    d = _copy(tmp_path)
+    st.save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
+                  "model.layers.1.self_attn.k_scale": torch.ones(())},
+                 os.path.join(d, "model.safetensors"))
+    with pytest.raises(DMSConfigError, match=r"model\.layers\.1\.self_attn\.k_scale"):
+        check_serving(d)
+
+
+def test_quantized_checkpoint_without_kv_scales_passes(tmp_path):
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    d = _copy(tmp_path, config={"quantization_config": {
+        "quant_method": "compressed-tensors", "kv_cache_scheme": None}})
+    st.save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2),
+                  "model.layers.0.self_attn.q_proj.weight_scale": torch.ones(())},
+                 os.path.join(d, "model.safetensors"))
+    assert check_serving(d).arch == "qwen3"
+
+
+@pytest.mark.parametrize("declared, dtype, served", [
+    ("float16", "auto", "float16"), ("bfloat16", "auto", "bfloat16"), ("float32", "auto", None),
+    (None, "auto", None), ("float16", "bfloat16", "bfloat16"), ("bfloat16", "half", "float16"),
+    ("bfloat16", "torch.float16", "float16"), ("bfloat16", "float", "float32")])
+def test_served_dtype_follows_vllms_auto_rule(declared, dtype, served):
+    assert served_dtype({"torch_dtype": declared}, dtype) == served
+
+
+def test_float16_checkpoint_is_refused_naming_dtype_unless_bf16_is_asked(tmp_path):
+    d = _copy(tmp_path, config={"torch_dtype": "float16"})
+    with pytest.raises(DMSConfigError) as e:
+        check_serving(d)
+    msg = str(e.value)
+    assert msg.startswith("--dtype") and "torch_dtype float16" in msg
+    assert "pass --dtype bfloat16" in msg
+    assert check_serving(d, dtype="bfloat16").arch == "qwen3"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_explicit_non_bf16_dtype_is_refused(dtype):
+    with pytest.raises(DMSConfigError, match=f"^--dtype {dtype}: the DMS kernels run bfloat16"):
+        check_serving(ckpt("ckpt_nvidia_qwen3"), dtype=dtype)

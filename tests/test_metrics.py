@@ -146,7 +146,7 @@ def test_live_counter_reaches_prometheus(dms, llama_dir, monkeypatch):  # noqa: 
         for rid, slot in mgr._slot_of.items():
             in_arena = worker.live_in_arenas(slot)
             assert int(worker.rt.slot_live[slot]) == in_arena, "counter == sum of row_len"
-            assert CHANNEL.read_live(slot)[1] == in_arena, "published with the feedback copy"
+            assert CHANNEL.read_row(slot)[2] == in_arena, "published with the feedback copy"
             live += in_arena
             dense += sched.requests[rid].num_computed_tokens * L * H
         assert stats.kv_connector_stats[STATS_KEY]["live_kv_tokens"] == live

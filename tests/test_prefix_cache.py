@@ -28,6 +28,7 @@ class Worker:
         self.slot, self.tag, self.n = {}, {}, {}
         self.released, self.first_computed, self.orders, self.forks = [], {}, [], []
         self.live = dms_live_8x(W)
+        self.pack_snapshots = True  # False: every order's request is missing from the batch
 
     def step(self, sched, out):
         from vllm_dms.channel import CHANNEL
@@ -55,7 +56,7 @@ class Worker:
         H, P = self.lay.num_kv_heads, self.lay.block_size
         first = {self.slot[r.req_id]: r for r in out.scheduled_new_reqs
                  if r.num_computed_tokens == 0}
-        for req_slot, L, cache_slot, tag in orders:  # pack a snapshot, report it
+        for req_slot, L, cache_slot, tag in orders if self.pack_snapshots else ():
             assert req_slot in first and L < out.num_scheduled_tokens[first[req_slot].req_id]
             assert cache_slot not in self.slot.values(), "a snapshot never lands on a request"
             pages = H * -(-self.live(None, 0, 0, L) // P)
@@ -229,6 +230,31 @@ def test_snapshot_of_a_shared_prefix_serves_a_different_prompt(dms, llama_dir): 
     sched.update_from_output(out, worker.step(sched, out))
     run(sched, worker, check=lambda: invariants(mgr))
     assert worker.forks == [("b", 32), ("c", 32)]
+    mgr.reset_prefix_cache()
+    assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
+
+
+def test_a_snapshot_the_worker_never_packed_is_never_forked(dms, llama_dir):  # noqa: F811
+    """Orders whose request was not in the worker's batch leave the cache slots unreported
+    (DMSRuntime.order_snapshots): a prompt sharing the prefix must recompute it, not fork
+    empty rows, and the unwritten snapshots still leave the cache cleanly."""
+    from vllm_dms.channel import CHANNEL
+    sched, mgr, worker = setup(dms, llama_dir, stride=16)
+    free0 = mgr.block_pool.get_num_free_blocks()
+    system = list(range(100, 140))
+    worker.pack_snapshots = False
+    sched.add_request(request("a", system + [1] * 5, 3))
+    out = sched.schedule()
+    assert len(CHANNEL.snapshots) == 2, "orders were made"
+    sched.update_from_output(out, worker.step(sched, out))
+    sched.add_request(request("b", system + [2] * 7, 3))
+    out = sched.schedule()
+    (new,) = out.scheduled_new_reqs
+    assert new.num_computed_tokens == 0 and CHANNEL.forks == [], "no hit on unwritten rows"
+    assert all(e.measured is None for e in mgr.cache.entries() if e.shared)
+    sched.update_from_output(out, worker.step(sched, out))
+    run(sched, worker, check=lambda: invariants(mgr))
+    assert worker.forks == []
     mgr.reset_prefix_cache()
     assert mgr.block_pool.get_num_free_blocks() == free0 and mgr.num_held == 0
 

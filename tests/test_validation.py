@@ -191,7 +191,7 @@ def test_frontend_out_of_vocab_and_negative_ids_are_400(frontend):
 def test_frontend_resumable_is_400(frontend):
     res = frontend["resumable"]
     assert res["code"] == 400 and res["param"] == "stream"
-    assert "continuation prefill" in res["message"]
+    assert "keep its DMS arena slot" in res["message"] and "its own request" in res["message"]
 
 
 def test_frontend_serves_the_rest_and_keeps_vllms_checks(frontend):

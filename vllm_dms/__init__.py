@@ -6,8 +6,6 @@ lazy string paths; the backend, models and kernels are imported by vLLM when use
 """
 from __future__ import annotations
 
-import importlib.util
-
 from vllm_dms.version import REQUIRED_VLLM, __version__
 
 DMS_DTYPE = "dms_fp8"
@@ -58,8 +56,6 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     for arch, path in MODEL_CLASSES.items():
         ModelRegistry.register_model(arch, path)  # lazy "module:Class": no import here
-    # The KV-cache spec lives in another module that may not exist yet in this checkout.
-    if importlib.util.find_spec("vllm_dms.spec") is not None:
-        from vllm_dms.spec import register_spec
+    from vllm_dms.spec import register_spec
 
-        register_spec()
+    register_spec()

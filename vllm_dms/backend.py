@@ -36,13 +36,15 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_dms.arena import ArenaLayout, spec_page_bytes
+from vllm_dms.config import compact_head_size_ok
 from vllm_dms.runtime import DMSRuntime, capturing, get_runtime, set_runtime
 
 
 class DMSCompactAttentionBackend(AttentionBackend):
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = True  # the store needs our metadata
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16]
+    # bf16 only: every kernel wrapper takes bf16 q/k/v (the startup check refuses --dtype else)
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["dms_fp8"]
 
     @staticmethod
@@ -73,7 +75,7 @@ class DMSCompactAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return head_size % 16 == 0 and head_size <= 256
+        return compact_head_size_ok(head_size)  # the rule the startup check applies
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

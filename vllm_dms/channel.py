@@ -125,25 +125,12 @@ class DMSChannel:
         if self._rows is not None:
             self._rows[slot] = (INVALID, 0, 0, 0)
 
-    def read(self, slot: int) -> tuple[int, int] | None:
-        if self._rows is None:
-            return None
-        row = self._rows[slot]
-        return int(row[0]), int(row[1])
-
     def read_row(self, slot: int) -> tuple[int, int, int, int] | None:
         """(n_done, pages_max, live, tag) of a slot, all from the same worker copy."""
         if self._rows is None:
             return None
         n_done, pages, live, tag = (int(x) for x in self._rows[slot])
         return n_done, pages, live, tag
-
-    def read_live(self, slot: int) -> tuple[int, int] | None:
-        """(n_done, live) of a slot, both from the same worker copy."""
-        if self._rows is None:
-            return None
-        row = self._rows[slot]
-        return int(row[0]), int(row[2])
 
     def take_release(self) -> list[int]:
         """Worker side: drain the freed slots (in the order they were freed)."""

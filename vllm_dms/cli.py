@@ -8,13 +8,14 @@ import json
 import sys
 from typing import Callable
 
-from vllm_dms.config import DMSConfig, DMSConfigError
+from vllm_dms.config import DMSConfigError, check_serving
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the resolved DMSConfig of a local checkpoint as JSON; non-zero if unusable."""
+    """Print the resolved DMSConfig of a local checkpoint as JSON; non-zero if
+    ``vllm serve DIR --kv-cache-dtype dms_fp8`` would refuse it (the same checks)."""
     try:
-        cfg = DMSConfig.from_checkpoint(args.model_dir, args.hf_overrides)
+        cfg = check_serving(args.model_dir, args.hf_overrides, args.dtype)
     except DMSConfigError as e:  # the message names the missing/unsupported field
         print(f"vllm-dms inspect: {e}", file=sys.stderr)
         return 2
@@ -28,6 +29,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                    "optionally dms_metadata.json)")
     p.add_argument("--hf-overrides", default=None, type=json.loads,
                    help="JSON dict applied over config.json, as vllm's --hf-overrides")
+    p.add_argument("--dtype", default="auto", help="the --dtype you will serve with, as vllm's")
     p.set_defaults(func=cmd_inspect)
 
 

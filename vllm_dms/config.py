@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any
 
 # The four fields NVIDIA's checkpoints carry; all four must be present together.
@@ -49,31 +50,22 @@ class DMSConfig:
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
-    @property
-    def threshold(self) -> float:
-        """Evict iff fp32(q_lane) > threshold (equivalent to scale*q - offset > 0, scale > 0)."""
-        return self.alpha_offset / self.alpha_scale
-
     def decisions_from_lane(self, lane: "Any") -> "Any":
         """Exact decision from the raw borrowed-lane values (any tensor), compared in fp32."""
         return lane.float() * self.alpha_scale - self.alpha_offset > 0
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(group=self.group, threshold=self.threshold)
+        d.update(group=self.group)
         return d
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_checkpoint(cls, model_dir: str, hf_overrides: dict | None = None, *,
                         compact: bool = True) -> "DMSConfig":
-        cfg_path = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(cfg_path):
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise DMSConfigError(f"{model_dir}: no config.json")
-        with open(cfg_path) as f:
-            hf = json.load(f)
-        if hf_overrides:
-            hf.update(hf_overrides)
+        hf = _read_config(model_dir, hf_overrides)
         meta = None
         meta_path = os.path.join(model_dir, METADATA_FILE)
         if os.path.isfile(meta_path):
@@ -123,6 +115,111 @@ class DMSConfig:
         return cls(window=window, alpha_scale=float(scale), alpha_offset=float(offset),
                    decision_shift=shift, target_cr=None if cr is None else float(cr),
                    source=source, **shape)
+
+
+def compact_head_size_ok(head_dim: int) -> bool:
+    """The head sizes the DMS kernels tile (16-wide tiles, at most 256 lanes)."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= 256
+
+
+def check_serving(model_dir: str, hf_overrides: dict | None = None,
+                  dtype: Any = "auto") -> DMSConfig:
+    """Every checkpoint check ``--kv-cache-dtype dms_fp8`` makes before start-up, in one place:
+    ``vllm serve`` / ``vllm.LLM`` (patches/engine.py) and ``vllm-dms inspect`` both call it, so
+    inspect passes exactly the checkpoints serve accepts. ``dtype``: vLLM's ``--dtype``."""
+    dms = DMSConfig.from_checkpoint(model_dir, hf_overrides)
+    if not compact_head_size_ok(dms.head_dim):
+        raise DMSConfigError(
+            f"{model_dir}: head_dim={dms.head_dim} is not supported by the DMS attention "
+            "backend (needs a multiple of 16, at most 256); serve this checkpoint with "
+            "--kv-cache-dtype auto (no-evict mode) instead of dms_fp8")
+    hf = _read_config(model_dir, hf_overrides)
+    field = kv_scale_field(model_dir, hf)
+    if field is not None:
+        raise DMSConfigError(
+            f"{model_dir}: {field}: checkpoint KV-cache scales are not supported with "
+            "--kv-cache-dtype dms_fp8 (the DMS arena stores FP8 K/V with scale 1 and would "
+            "ignore them); serve this checkpoint with another --kv-cache-dtype (e.g. fp8)")
+    served = served_dtype(hf, dtype)
+    if served not in (None, DMS_MODEL_DTYPE):
+        raise DMSConfigError(dtype_refusal(
+            f"--dtype auto (the checkpoint's torch_dtype {served})"
+            if str(dtype).lower() == "auto" else f"--dtype {served}"))
+    return dms
+
+
+DMS_MODEL_DTYPE = "bfloat16"  # every DMS kernel wrapper takes bf16 q/k/v
+_DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16",
+                "float": "float32", "float32": "float32"}
+
+
+def served_dtype(hf: dict, dtype: Any) -> str | None:
+    """The model dtype vLLM will run for ``--dtype`` (a name, a torch dtype or "auto"); None
+    when only vLLM's platform can tell (auto on a float32 or untyped checkpoint)."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name != "auto":
+        return _DTYPE_NAMES.get(name, name)
+    declared = str(hf.get("torch_dtype") or hf.get("dtype") or "").removeprefix("torch.")
+    # vLLM's auto keeps a 16-bit checkpoint dtype and downcasts float32 per platform
+    return declared if declared in ("float16", "bfloat16") else None
+
+
+def dtype_refusal(how: str) -> str:
+    """The message for a model dtype other than bf16; ``how``: "--dtype ..." and how that
+    dtype came about (the message names the flag first)."""
+    return (f"{how}: the DMS kernels run {DMS_MODEL_DTYPE} only with --kv-cache-dtype "
+            f"dms_fp8; pass --dtype {DMS_MODEL_DTYPE} (or use another --kv-cache-dtype)")
+
+
+def _read_config(model_dir: str, hf_overrides: dict | None) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    return {**hf, **(hf_overrides or {})}
+
+
+# Weight names of attention KV-cache scales, as quantizers write them (vLLM maps each of these
+# onto an attention layer's k_scale / v_scale when it loads the checkpoint).
+_KV_SCALE_NAME = re.compile(r"\.(k|v|kv)_scale$|\.[kv]_proj\.output_scale$|\.[kv]_cache\.scale$")
+
+
+def kv_scale_field(model_dir: str, hf: dict) -> str | None:
+    """The field or weight through which a checkpoint carries KV-cache scales, None if none:
+    a KV-cache scheme in its quantization config (compressed-tensors / ModelOpt
+    ``kv_cache_scheme``, ModelOpt ``kv_cache_quant_algo``, Quark ``export.kv_cache_group``),
+    else a scale entry among its safetensors weights (an FP8 checkpoint's k_scale / v_scale)."""
+    for where, q in (("quantization_config", hf.get("quantization_config")),
+                     ("hf_quant_config.json", _json(model_dir, "hf_quant_config.json"))):
+        if isinstance(q, dict):
+            for sub, d in (("", q), ("quantization.", q.get("quantization")),
+                           ("export.", q.get("export"))):
+                for key in ("kv_cache_scheme", "kv_cache_quant_algo", "kv_cache_group"):
+                    if isinstance(d, dict) and d.get(key):
+                        return f"{where}.{sub}{key}"
+    return next((name for name in _weight_names(model_dir) if _KV_SCALE_NAME.search(name)),
+                None)
+
+
+def _json(model_dir: str, name: str) -> Any:
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _weight_names(model_dir: str) -> list[str]:
+    """Tensor names of the safetensors weights: from the index, else from each file's header
+    (its first 8 bytes give the JSON header's length; no tensor is read)."""
+    index = _json(model_dir, "model.safetensors.index.json")
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        return list(index["weight_map"])
+    names: list[str] = []
+    for fn in sorted(os.listdir(model_dir)):
+        if fn.endswith(".safetensors"):
+            with open(os.path.join(model_dir, fn), "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                names += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    return names
 
 
 def dms_config_from_vllm(vllm_config: Any) -> DMSConfig:

@@ -13,8 +13,8 @@ least recently used whenever a request needs their blocks or a slot.
 Shared prefixes of different prompts (a common system prompt) are served by *snapshots*: when a
 request's first prefill chunk is scheduled, the scheduler also orders up to MAX_SNAPSHOTS packs
 of its first L tokens (L a multiple of SNAPSHOT_STRIDE) into spare slots, from the same chunk
-(``dms_prefill_pack(lens=...)``). A snapshot is an entry that becomes matchable at the next
-schedule (its rows are written by the step that orders it); it is reserved at the dense bound
+(``dms_prefill_pack(lens=...)``). A snapshot is an entry that becomes matchable once the worker
+has reported its rows (written by the step that orders it); it is reserved at the dense bound
 for L tokens, only if that much is free, and shrunk to its measured size once reported. A hit
 on a snapshot is not taken but *forked*: the request gets a slot and blocks of its own and the
 worker copies the snapshot's rows into them before the step (``CHANNEL.forks``,
@@ -52,6 +52,12 @@ class Entry:
     def evictable(self) -> bool:
         return self.ready and not self.pinned
 
+    @property
+    def hittable(self) -> bool:
+        """A snapshot only once the worker reported its rows: an order the worker skipped
+        (its request not in the batch) leaves empty rows that must never be forked."""
+        return self.ready and (self.measured is not None or not self.shared)
+
 
 class PrefixStore:
     """Entries by slot (LRU order) and by their first KEY_TOKENS tokens."""
@@ -75,7 +81,7 @@ class PrefixStore:
         best = None
         for e in self._buckets.get(tuple(tokens[:KEY_TOKENS]), ()):
             L = len(e.tokens)
-            if e.ready and L <= max_len and (best is None or L > len(best.tokens)) and \
+            if e.hittable and L <= max_len and (best is None or L > len(best.tokens)) and \
                     tuple(tokens[:L]) == e.tokens:
                 best = e
         return best

@@ -72,15 +72,20 @@ class DMSRuntime:
         """This step's snapshot orders (request slot, L, cache slot, cache tag) as a pack over
         the prefill rows (request slots ``slots``, cu_seqlens ``cu``, on the GPU): (starts
         [k+1], lengths [k], cache slots [k], 0 = skip). A request may have several orders. The
-        cache slots get their token count and owner tag, so their rows are measured like
-        requests'. No host sync: the orders go up in one small copy."""
+        cache slots of orders whose request is in this batch get their token count and owner
+        tag, so their rows are measured like requests'; the others are skipped and report
+        nothing. No host sync: the orders go up in one small copy."""
         o = torch.tensor(orders, dtype=torch.int32).to(self.device, non_blocking=True)
         req, length, dst, tag = (o[:, i].contiguous() for i in range(4))
         hit = slots[None, :] == req[:, None]                    # [k, rows]
         starts = cu[:-1][hit.int().argmax(dim=1)]
-        dst = torch.where(hit.any(dim=1), dst, torch.zeros_like(dst))  # not in this batch: skip
-        self.slot_ntok.index_copy_(0, o[:, 2].long(), length)
-        self.slot_tag.index_copy_(0, o[:, 2].long(), tag)  # measured like requests' rows
+        found = hit.any(dim=1)
+        cache = dst.long()
+        # Only a snapshot this step packs may report L tokens under its tag: the scheduler
+        # takes that report as "rows written", so a skipped one keeps its previous row.
+        self.slot_ntok.index_copy_(0, cache, torch.where(found, length, self.slot_ntok[cache]))
+        self.slot_tag.index_copy_(0, cache, torch.where(found, tag, self.slot_tag[cache]))
+        dst = torch.where(found, dst, torch.zeros_like(dst))  # not in this batch: skip
         return torch.cat([starts, starts[-1:]]), length, dst
 
     def slot_bytes(self, slot: int) -> int:

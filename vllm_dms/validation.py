@@ -20,8 +20,10 @@ Added for DMS:
 * every prompt token id in [0, vocab_size): vLLM skips the upper bound without a tokenizer
   (--skip-tokenizer-init) and the lower bound outside /v1/completions; such an id would index
   past the embedding table and take the engine down for every request;
-* no resumable (streaming-input) requests: each new input chunk would be a continuation prefill,
-  and the DMS backend packs a prompt in one step.
+* no resumable (streaming-input) requests: between input chunks a session keeps its arena slot
+  and comes back through vLLM's waiting queue with tokens already in its rows; the DMS ledger
+  (``DMSKVCacheManager``) only continues rows of a running request or of a prefix entry, and
+  re-admitting such a session is a path it has never been built or tested for.
 
 A request that can never fit the arena is impossible after startup (``DMSKVCacheManager``).
 """
@@ -38,8 +40,9 @@ def request_problem(token_ids: Sequence[int] | None, *, vocab_size: int,
     """(parameter, message, value) of the first rule a request breaks, None if it may run."""
     if resumable:
         return ("stream", "streaming-input (resumable) requests are not supported with "
-                "--kv-cache-dtype dms_fp8: every input chunk after the first would be a "
-                "continuation prefill, and DMS packs a prompt in one step", True)
+                "--kv-cache-dtype dms_fp8: a session would keep its DMS arena slot between "
+                "input chunks, which the DMS scheduler does not support; send each input as "
+                "its own request", True)
     if token_ids:
         lo, hi = min(token_ids), max(token_ids)
         if lo < 0 or hi >= vocab_size:

@@ -55,6 +55,10 @@ SCENARIOS = {
     "budget_no_len": dict(model=NV, max_num_batched_tokens=512, enable_chunked_prefill=False,
                           **DMS),
     "budget_no_len_chunked": dict(model=NV, max_num_batched_tokens=512, **DMS),
+    "fp16": dict(model=NV, dtype="float16", **DMS),
+    "lora": dict(model=NV, enable_lora=True, **DMS),
+    "calc_scales": dict(model=NV, calculate_kv_scales=True, **DMS),
+    "plain_lora": dict(model=PLAIN, enable_lora=True, dtype="float16"),
     "no_dms_fields": dict(model=PLAIN, **DMS),
     "separate_alpha": dict(model=os.path.join(FIX, "ckpt_separate_alpha"), **DMS),
     # Set after EngineArgs() (offline, __post_init__ would fail resolving an uncached hub id).
@@ -134,6 +138,9 @@ if with_cli:  # the `vllm serve` parser's defaults must read as "not requested"
     out["cli_no_prefix"] = attempt(lambda: cli("--no-enable-prefix-caching"))
     out["cli_tp2"] = attempt(lambda: cli("--tensor-parallel-size", "2"))
     out["cli_async"] = attempt(lambda: cli("--async-scheduling"))
+    out["cli_fp16"] = attempt(lambda: cli("--dtype", "float16"))
+    out["cli_lora"] = attempt(lambda: cli("--enable-lora"))
+    out["cli_calc_scales"] = attempt(lambda: cli("--calculate-kv-scales"))
 print(%r + json.dumps(out), flush=True)
 """ % RESULT
 
@@ -157,7 +164,8 @@ def _collect(proc):
 
 @pytest.fixture(scope="module")
 def runs():
-    stock_scen = {k: SCENARIOS[k] for k in ("plain_auto", "plain_fp8", "nvidia", "dms_ckpt_auto")}
+    stock_scen = {k: SCENARIOS[k] for k in ("plain_auto", "plain_fp8", "nvidia", "dms_ckpt_auto",
+                                            "plain_lora")}
     plugin, stock = _start(SCENARIOS, True, True), _start(stock_scen, False, False)
     return _collect(plugin), _collect(stock)
 
@@ -239,6 +247,12 @@ def test_explicitly_off_is_accepted(runs):
     ("scheduler_cls", "--scheduler-cls"),
     ("small_budget", "--max-num-batched-tokens"),
     ("cli_tp2", "--tensor-parallel-size"),
+    ("fp16", "--dtype"),
+    ("lora", "--enable-lora"),
+    ("calc_scales", "--calculate-kv-scales"),
+    ("cli_fp16", "--dtype"),
+    ("cli_lora", "--enable-lora"),
+    ("cli_calc_scales", "--calculate-kv-scales"),
 ])
 def test_explicit_unsupported_flag_rejected(runs, name, flag):
     res = runs[0][name]
@@ -266,11 +280,24 @@ def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch
             scheduler_cls=None)
     vc = NS(scheduler_config=sc, cache_config=NS(enable_prefix_caching=False, block_size=64),
             attention_config=NS(backend=NS(name="CUSTOM")),
-            model_config=NS(max_model_len=4096, architectures=["DMSLlamaForCausalLM"]))
+            model_config=NS(max_model_len=4096, architectures=["DMSLlamaForCausalLM"],
+                            dtype="torch.bfloat16"))
     engine._finish_dms(vc)
     assert sc.scheduler_cls == f"vllm_dms.scheduler.{cls}"
     from vllm_dms import scheduler
     assert issubclass(getattr(scheduler, cls), scheduler.DMSSchedulerMixin)
+
+
+@pytest.mark.parametrize("dtype", ["torch.float16", "torch.float32"])
+def test_finish_refuses_a_dtype_vllm_resolved_to_other_than_bf16(monkeypatch, dtype):
+    from types import SimpleNamespace as NS
+
+    from vllm_dms.config import DMSConfigError
+    from vllm_dms.patches import engine
+    vc = NS(scheduler_config=NS(), cache_config=NS(), model_config=NS(dtype=dtype))
+    want = r"^--dtype auto \(resolved by vLLM to float.*bfloat16 only"
+    with pytest.raises(DMSConfigError, match=want):
+        engine._finish_dms(vc)
 
 
 @pytest.mark.parametrize("name, needles", [
@@ -298,7 +325,7 @@ def test_callable_hf_overrides_still_routed(runs):
 
 def test_non_dms_checkpoint_untouched(runs):
     plugin, stock = runs
-    for name in ("plain_auto", "plain_fp8"):
+    for name in ("plain_auto", "plain_fp8", "plain_lora"):  # LoRA, fp16: refused for DMS only
         assert ok(plugin[name]) == ok(stock[name])
         assert plugin[name]["logs"] == []
 

@@ -38,6 +38,10 @@ def scenarios(tmp):
     no_window = _copy(tmp, FAST, "no_window", meta_drop=["window_size"])
     no_offset = _copy(tmp, FAST, "no_offset", meta_drop=["alpha_offset"])
     no_evict = _copy(tmp, NV, "disable_eviction", config={"dms_disable_eviction": True})
+    fp16 = _copy(tmp, NV, "fp16", config={"torch_dtype": "float16"})
+    kv_scheme = _copy(tmp, NV, "kv_scheme", config={"quantization_config": {
+        "quant_method": "compressed-tensors", "kv_cache_scheme": {
+            "type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}}})
     f = lambda n: os.path.join(FIX, n)  # noqa: E731
     s = [
         # row 4 / 5: dense first, then DMS, then dense again, then DMS again
@@ -62,6 +66,11 @@ def scenarios(tmp):
                                                    "num_key_value_heads": 2}, **DMS), None),
         ("r2_sliding", dict(model=NV, hf_overrides={"sliding_window": 128,
                                                     "use_sliding_window": True}, **DMS), None),
+        ("r2_head_dim_72", dict(model=NV, hf_overrides={"head_dim": 72}, **DMS), None),
+        ("r2_kv_cache_scheme", dict(model=kv_scheme, **DMS), None),
+        ("r2_fp16_checkpoint", dict(model=fp16, **DMS), None),
+        ("r2_fp16_checkpoint_as_bf16", dict(model=fp16, dtype="bfloat16", **DMS), None),
+        ("r2_dtype_fp16", dict(model=NV, dtype="float16", **DMS), None),
         # row 3: DMS checkpoints without dms_fp8
         ("r3_auto", dict(model=NV), "dms_config"),
         ("r3_fp8", dict(model=FAST, kv_cache_dtype="fp8"), "dms_config"),
@@ -104,6 +113,8 @@ FLAGS = {
         "backend": "FLASH_ATTN"})),
     "scheduler": ("--scheduler-cls", dict(scheduler_cls="my.Scheduler")),
     "sleep": ("--enable-sleep-mode", dict(enable_sleep_mode=True)),
+    "lora": ("--enable-lora", dict(enable_lora=True)),
+    "calc_kv_scales": ("--calculate-kv-scales", dict(calculate_kv_scales=True)),
 }
 
 
@@ -153,9 +164,24 @@ def test_r1_fastdms_missing_key_is_never_defaulted(runs, name, field):
     ("r2_head_dim_8", ["head_dim=8", "16..256"]),
     ("r2_gqa_32", ["GQA group 32", "num_attention_heads", "num_key_value_heads", "<= 16"]),
     ("r2_sliding", ["sliding_window", "use_sliding_window"]),
+    ("r2_head_dim_72", ["head_dim=72", "multiple of 16", "--kv-cache-dtype auto"]),
+    ("r2_kv_cache_scheme", ["quantization_config.kv_cache_scheme", "KV-cache scales",
+                            "another --kv-cache-dtype"]),
+    ("r2_fp16_checkpoint", ["--dtype", "torch_dtype float16", "pass --dtype bfloat16"]),
+    ("r2_dtype_fp16", ["--dtype float16", "pass --dtype bfloat16"]),
 ])
 def test_r2_unsupported_variant_names_field_and_alternative(runs, name, needles):
     refused(runs[0][name], *needles)
+
+
+def test_r2_dtype_refusals_name_the_flag_first(runs):
+    for name in ("r2_fp16_checkpoint", "r2_dtype_fp16"):
+        assert runs[0][name]["msg"].startswith("--dtype"), runs[0][name]
+
+
+def test_r2_fp16_checkpoint_served_as_bf16_is_accepted(runs):
+    res = runs[0]["r2_fp16_checkpoint_as_bf16"]
+    assert "ok" in res and res["ok"]["dtype"] == "dms_fp8", res
 
 
 # ------------------------------------------------------------------------------- row 3

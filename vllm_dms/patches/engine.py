@@ -4,10 +4,12 @@ It runs in the process that builds the VllmConfig (the API server for ``vllm ser
 user's process for ``vllm.LLM``), before any GPU work, so bad checkpoints and unsupported
 flags fail fast with a message naming the field or flag.
 
-* ``kv_cache_dtype == "dms_fp8"``: DMSConfig from the local checkpoint; architectures routed
-  to the DMS model class; attention backend CUSTOM; features DMS cannot serve are rejected
-  naming the flag; chunked prefill and prefix caching keep vLLM's defaults (on); one log line
-  says what was resolved; afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
+* ``kv_cache_dtype == "dms_fp8"``: ``check_serving`` on the local checkpoint (the checks
+  ``vllm-dms inspect`` runs: DMS fields, head size, KV-cache scales, model dtype);
+  architectures routed to the DMS model class; attention backend CUSTOM; features DMS cannot
+  serve are rejected naming the flag; chunked prefill and prefix caching keep vLLM's defaults
+  (on); one log line says what was resolved;
+  afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
   when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
   model class (no-evict mode); never served as a plain model with its decision lane live.
@@ -21,7 +23,8 @@ from typing import Any
 
 from vllm_dms import (ASYNC_SCHEDULER_PATH, DMS_ARCHITECTURES, DMS_DTYPE, LOGGER_NAME,
                       SCHEDULER_PATH)
-from vllm_dms.config import SUPPORTED_ARCHS, DMSConfig, DMSConfigError, has_dms_fields
+from vllm_dms.config import (DMS_MODEL_DTYPE, SUPPORTED_ARCHS, DMSConfig, DMSConfigError,
+                             check_serving, dtype_refusal, has_dms_fields)
 from vllm_dms.patches import PatchError, require_params
 
 _EXPECTED_PARAMS = ("self", "usage_context", "headless")
@@ -34,6 +37,14 @@ _PARALLEL = (("tensor_parallel_size", "--tensor-parallel-size", "tensor parallel
               "decode context parallelism"),
              ("prefill_context_parallel_size", "--prefill-context-parallel-size",
               "prefill context parallelism"))
+# (EngineArgs attribute, CLI flag, why): each must stay off (False) for DMS.
+_MUST_BE_OFF = (
+    ("enable_lora", "--enable-lora",
+     "LoRA (an adapter on qkv_proj changes the borrowed query lane that carries the DMS "
+     "decisions)"),
+    ("calculate_kv_scales", "--calculate-kv-scales",
+     "computed KV-cache scales (the DMS arena stores FP8 K/V with scale 1)"),
+)
 # (EngineArgs attribute, CLI flag, why): each must be unset (None / empty) for DMS.
 _MUST_BE_UNSET = (
     ("speculative_config", "--speculative-config", "speculative decoding"),
@@ -67,8 +78,8 @@ def check() -> None:
     wanted = {"model", "kv_cache_dtype", "hf_overrides", "attention_backend", "attention_config",
               "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens",
               "max_model_len", "async_scheduling", "scheduler_cls", "block_size",
-              "enable_sleep_mode"}
-    wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
+              "enable_sleep_mode", "dtype"}
+    wanted |= {a for a, _, _ in _PARALLEL + _MUST_BE_OFF + _MUST_BE_UNSET}
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
 
@@ -85,7 +96,7 @@ def apply() -> None:
             dms = _prepare_dms(self)
             vllm_config = original(self, usage_context, headless)
             _finish_dms(vllm_config, f"{self.model} ({dms.arch}, window={dms.window}, "
-                                     f"decision_shift={dms.decision_shift})")
+                                     f"decision_shift={dms.decision_shift})", dtype=self.dtype)
             return vllm_config
         _route_no_evict(self)
         return original(self, usage_context, headless)
@@ -105,14 +116,7 @@ def _prepare_dms(args: Any) -> DMSConfig:
             "directory (its config.json / dms_metadata.json are validated before start-up); "
             "download the model and pass its directory")
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
-    dms = DMSConfig.from_checkpoint(args.model, overrides)
-    from vllm_dms.backend import DMSCompactAttentionBackend  # lazy: torch, no CUDA init
-
-    if not DMSCompactAttentionBackend.supports_head_size(dms.head_dim):
-        raise DMSConfigError(
-            f"{args.model}: head_dim={dms.head_dim} is not supported by the DMS attention "
-            f"backend (needs a multiple of 16, at most 256); serve this checkpoint with "
-            f"--kv-cache-dtype auto (no-evict mode) instead of {DMS_DTYPE}")
+    dms = check_serving(args.model, overrides, args.dtype)  # the checks inspect runs too
     _reject_unsupported(args)
     # chunked prefill, prefix caching and async scheduling: vLLM's defaults (all on); with
     # chunked prefill off and the token budget unset, vLLM raises it to >= max_model_len itself
@@ -136,6 +140,9 @@ def _reject_unsupported(args: Any) -> None:
     for attr, flag, what in _PARALLEL:
         if (getattr(args, attr) or 1) > 1:
             reject(flag, f"{what} > 1")
+    for attr, flag, what in _MUST_BE_OFF:
+        if getattr(args, attr):
+            reject(flag, what)
     for attr, flag, what in _MUST_BE_UNSET:
         if getattr(args, attr) not in (None, [], {}):
             reject(flag, what)
@@ -156,9 +163,14 @@ def _reject_unsupported(args: Any) -> None:
                f"step)")
 
 
-def _finish_dms(vllm_config: Any, checkpoint: str = "") -> None:
-    """Check what vLLM resolved, install the DMS scheduler, log the one start-up line."""
+def _finish_dms(vllm_config: Any, checkpoint: str = "", dtype: Any = "auto") -> None:
+    """Check what vLLM resolved, install the DMS scheduler, log the one start-up line.
+
+    dtype: the user's --dtype (named if vLLM resolved another model dtype)."""
     sc, cc = vllm_config.scheduler_config, vllm_config.cache_config
+    served = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    if served != DMS_MODEL_DTYPE:  # what check_serving could not predict (platform fallback)
+        raise DMSConfigError(dtype_refusal(f"--dtype {dtype} (resolved by vLLM to {served})"))
     backend = vllm_config.attention_config.backend
     if backend is None or backend.name != _CUSTOM:
         raise DMSConfigError(f"attention backend resolved to {backend}, DMS needs {_CUSTOM}")
