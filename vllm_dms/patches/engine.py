@@ -27,8 +27,8 @@ from vllm_dms.patches import PatchError, require_params
 _EXPECTED_PARAMS = ("self", "usage_context", "headless")
 _CUSTOM = "CUSTOM"
 # (EngineArgs attribute, CLI flag, what it is): each must stay at its default (1) for DMS.
-_PARALLEL = (("tensor_parallel_size", "--tensor-parallel-size", "tensor parallelism"),
-             ("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
+# Tensor parallelism is served (rank-local KV heads, vllm_dms.tp) and checked in _prepare_dms.
+_PARALLEL = (("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
              ("data_parallel_size", "--data-parallel-size", "data parallelism"),
              ("decode_context_parallel_size", "--decode-context-parallel-size",
               "decode context parallelism"),
@@ -69,6 +69,7 @@ def check() -> None:
               "max_model_len", "async_scheduling", "scheduler_cls", "block_size",
               "enable_sleep_mode"}
     wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
+    wanted.add("tensor_parallel_size")
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
 
@@ -114,6 +115,8 @@ def _prepare_dms(args: Any) -> DMSConfig:
             f"backend (needs a multiple of 16, at most 256); serve this checkpoint with "
             f"--kv-cache-dtype auto (no-evict mode) instead of {DMS_DTYPE}")
     _reject_unsupported(args)
+    from vllm_dms.tp import shard_heads
+    shard_heads(dms, args.tensor_parallel_size or 1)  # each KV head and its lane on one rank
     switched_off = []
     if args.enable_prefix_caching is None:
         # Opt-in until its engine run on a GPU: finished requests' rows, reused whole by a
