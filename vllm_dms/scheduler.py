@@ -85,7 +85,7 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
     """KVCacheManager whose blocks are a reservation ledger and whose block ids are slots."""
 
     def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int,
-                 enable_prefix_caching: bool = False, **kwargs: Any):
+                 enable_prefix_caching: bool = False, tp_size: int = 1, **kwargs: Any):
         kwargs["enable_caching"] = False  # no block sharing: entries are whole rows (prefix_cache)
         super().__init__(kv_cache_config, **kwargs)
         spec = dms_spec_of(kv_cache_config)
@@ -103,6 +103,7 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
             num_blocks=kv_cache_config.num_blocks, elem_bytes=spec.dms_elem_bytes)
         self.layout.validate()
         assert self.layout.page_bytes == spec.page_size_bytes, (self.layout, spec)
+        self.tp_size = tp_size  # the spec (and a block) is one rank's: KV heads / tp
 
         # The state region, for good. A fresh pool hands out ids in order after the null block 0.
         first = self.layout.first_data_block
@@ -354,11 +355,13 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         """The DMS Prometheus gauges (``vllm_dms.metrics``), from the worker's last report.
 
         KV tokens count (token, layer, KV head) entries of the running requests; dense is what
-        a full cache would hold (tokens * layers * heads). Arena bytes follow the ledger, like
-        ``usage``: in use = state region + reserved blocks, free = the pool's free blocks.
+        a full cache would hold (tokens * layers * heads, all TP ranks). Arena bytes follow the
+        ledger, like ``usage``: in use = state region + reserved blocks, free = the pool's free
+        blocks (a block is one per rank).
         """
         lay = self.layout
-        rows, block_bytes = lay.num_layers * lay.num_kv_heads, lay.page_bytes * lay.num_layers
+        rows = lay.num_layers * lay.num_kv_heads * self.tp_size  # live counts sum all ranks
+        block_bytes = lay.page_bytes * lay.num_layers * self.tp_size  # a block on every rank
         dense = live = 0
         for slot in self._slot_of.values():
             row = self._row(slot)
@@ -406,7 +409,8 @@ class DMSSchedulerMixin:
             enable_kv_cache_events=self.enable_kv_cache_events,
             dcp_world_size=self.dcp_world_size, pcp_world_size=1,
             metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark,
-            enable_prefix_caching=bool(self.cache_config.enable_prefix_caching))
+            enable_prefix_caching=bool(self.cache_config.enable_prefix_caching),
+            tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         self.kv_cache_manager = self.dms
 
     def _refusal(self, request: Request) -> str | None:

@@ -128,8 +128,8 @@ def test_r24_kernel_overflow_fails_the_engine_no_hang(ckpts):
         from vllm import LLM
         llm = LLM(A["model"], kv_cache_dtype="dms_fp8", enforce_eager=True, **A["kw"])
         greedy(llm, A["prompts"], 8)
-        from vllm_dms.runtime import get_runtime
-        get_runtime().overflow_host[0] = 1  # as if a kernel had hit its capacity check
+        from vllm_dms.runtime import inprocess_engine
+        inprocess_engine(llm)[1].overflow_host[0] = 1  # as if a kernel hit its capacity check
         try:
             greedy(llm, A["prompts"], 8)
             out["error"] = None
