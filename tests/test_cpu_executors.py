@@ -59,11 +59,12 @@ def run(llm, rounds, n):
         while eng.has_unfinished_requests():
             for o in eng.step():
                 if o.finished:
-                    res["tokens"][o.request_id] = list(o.outputs[0].token_ids)
-            long = sched.requests.get(f"{r}.1")
-            if long is not None and mgr.slot_of(long.request_id) is not None:
-                res["held"].append(mgr.held_blocks(long.request_id))
-                res["dense"].append(mgr.layout.reservation_blocks(long.num_computed_tokens))
+                    rid = o.request_id.split("-")[0]  # ours, without vLLM's suffix if any
+                    res["tokens"][rid] = list(o.outputs[0].token_ids)
+            for req in sched.running:  # the round's long prompt (vLLM suffixes request ids)
+                if req.num_prompt_tokens == max(map(len, prompts)):
+                    res["held"].append(mgr.held_blocks(req.request_id))
+                    res["dense"].append(mgr.layout.reservation_blocks(req.num_computed_tokens))
     res["last_round"] = llm.collective_rpc(arena, args=(mgr.layout,))  # rows still in place
     eng.step()  # an empty step: it carries the last round's releases
     res["idle"] = llm.collective_rpc(arena, args=(mgr.layout,))

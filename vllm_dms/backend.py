@@ -1,8 +1,9 @@
 """DMSCompactAttentionBackend: vLLM's CUSTOM attention backend for ``--kv-cache-dtype dms_fp8``.
 
 Per step the builder turns vLLM's common metadata into ours (decodes first, then prefill
-chunks; each request's arena slot is the single block id the scheduler gave it), drains the
-slots freed since the last step, and the impl, per layer, stores then attends:
+chunks; each request's arena slot is the single block id the scheduler gave it; the slots
+freed since the last step were released before the forward), and the impl, per layer, stores
+then attends:
 
 * decode rows: ``dms_decode_store`` (decision from the carrier lane, flag, exact expiry by slot
   reuse, FP8 append) then ``dms_decode_attention`` (split-K over the row's live slots);
@@ -20,7 +21,7 @@ The scheduler's orders (releases, forks, snapshots) reach the builder through th
 ``WorkerLink`` (``vllm_dms.runtime``): releases and forks run before the step's forward
 (``vllm_dms.patches.worker``), snapshots are packed by this step's prefill.
 A request that takes a prefix entry (``vllm_dms.prefix_cache``), or hits a snapshot whose rows
-the build copies into its slot first (``runtime.fork``), arrives with its slot's rows already
+the worker copies into its slot before the forward (``runtime.fork``), arrives with its slot's rows already
 holding its first tokens: it is simply a continuation chunk.
 """
 from __future__ import annotations

@@ -40,6 +40,8 @@ SCENARIOS = {
     "tp2": dict(model=NV, tensor_parallel_size=2, **DMS),  # served: one KV head per rank
     "tp3": dict(model=NV, tensor_parallel_size=3, **DMS),  # 3 does not divide 2 KV heads
     "pp2": dict(model=NV, pipeline_parallel_size=2, **DMS),
+    "ray": dict(model=NV, distributed_executor_backend="ray", **DMS),
+    "mp": dict(model=NV, distributed_executor_backend="mp", **DMS),
     "dp2": dict(model=NV, data_parallel_size=2, **DMS),
     "spec": dict(model=NV, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                "prompt_lookup_max": 3}, **DMS),
@@ -218,6 +220,7 @@ def test_explicitly_off_is_accepted(runs):
 @pytest.mark.parametrize("name, flag", [
     ("tp3", "--tensor-parallel-size"),
     ("pp2", "--pipeline-parallel-size"),
+    ("ray", "--distributed-executor-backend"),
     ("dp2", "--data-parallel-size"),
     ("spec", "--speculative-config"),
     ("spec_method", "--spec-method"),
@@ -235,8 +238,8 @@ def test_explicit_unsupported_flag_rejected(runs, name, flag):
     assert res["msg"].startswith(flag) and "dms_fp8" in res["msg"]
 
 
-@pytest.mark.parametrize("name", ["tp2", "cli_tp2"])
-def test_tensor_parallelism_dividing_the_kv_heads_is_accepted(runs, name):
+@pytest.mark.parametrize("name", ["tp2", "cli_tp2", "mp"])
+def test_tensor_parallelism_and_the_mp_executor_are_accepted(runs, name):
     c = ok(runs[0][name])  # rank-local KV heads (vllm_dms.tp); tests/test_cpu_executors.py
     assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS")
 

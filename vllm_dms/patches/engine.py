@@ -48,6 +48,9 @@ _MUST_BE_UNSET = (
 )
 
 
+# Executors whose workers are called through WorkerWrapperBase (vllm_dms.patches.worker).
+_EXECUTORS = (None, "uni", "mp", "external_launcher")
+
 DMS_BLOCK_SIZE = 64  # default --block-size with dms_fp8 (any multiple of 16 works)
 
 
@@ -69,7 +72,7 @@ def check() -> None:
               "max_model_len", "async_scheduling", "scheduler_cls", "block_size",
               "enable_sleep_mode"}
     wanted |= {a for a, _, _ in _PARALLEL} | {a for a, _, _ in _MUST_BE_UNSET}
-    wanted.add("tensor_parallel_size")
+    wanted |= {"tensor_parallel_size", "distributed_executor_backend"}
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
 
@@ -160,6 +163,10 @@ def _reject_unsupported(args: Any) -> None:
     for attr, flag, what in _MUST_BE_UNSET:
         if getattr(args, attr) not in (None, [], {}):
             reject(flag, what)
+    if args.distributed_executor_backend not in _EXECUTORS:
+        reject("--distributed-executor-backend", f"executor {args.distributed_executor_backend!r} "
+               f"(its workers bypass the worker entry point that carries the DMS step "
+               f"messages; use one of {sorted(e for e in _EXECUTORS if e)})")
     for flag, backend in (("--attention-backend", args.attention_backend),
                           ("--attention-config.backend", args.attention_config.backend)):
         if backend is not None and _backend_name(backend) not in (_CUSTOM, "AUTO"):
