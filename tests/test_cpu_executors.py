@@ -107,10 +107,15 @@ def check_run(run):
 
 
 def live_by_head(run):
-    """[layer][slot][KV head] live counts of the last round, the ranks' heads side by side."""
+    """[layer] -> {slot: [live count of each KV head]} of the slots the last round left rows
+    in, the ranks' heads side by side (engines may have different slot counts)."""
     ranks = [r["rows"] for r in run["last_round"]]
-    return [[sum((rank[li][s] for rank in ranks), []) for s in range(len(ranks[0][li]))]
-            for li in range(len(ranks[0]))]
+    by_layer = []
+    for li in range(len(ranks[0])):
+        heads = {s: sum((rank[li][s] for rank in ranks), []) for s in range(len(ranks[0][li]))}
+        by_layer.append({s: h for s, h in heads.items() if any(h)})
+    assert all(len(layer) == 2 for layer in by_layer), "the last round's two rows"
+    return by_layer
 
 
 @pytest.fixture(scope="module")

@@ -138,10 +138,6 @@ def combine_ranks(gathered: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.
     return rows, g[:, -1, :1].amax(dim=0)
 
 
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 LINK_ATTR = "dms_link"  # attribute of each DMS attention layer of an engine: its WorkerLink
 
 
@@ -214,16 +210,3 @@ def inprocess_engine(llm) -> tuple:
                            "the uni executor)")
     return core.scheduler.dms, rt
 
-
-def worker_arena(worker) -> dict | None:
-    """This worker's arena, per layer: ``row_len`` [S1][H] (live keys per slot and local KV
-    head), ``free`` (sub-pages on the free stack) and ``capacity`` (data sub-pages). Runs in
-    the worker: ``llm.collective_rpc(worker_arena)`` gives one dict per rank (tools, tests)."""
-    from vllm_dms.kernels.arena_ops import arena_state
-    rt = engine_runtime(worker.vllm_config)
-    if rt is None:
-        return None
-    states = [arena_state(kv.view(-1), rt.layout) for kv in rt.kv_layers()]
-    return dict(row_len=[s.row_len.tolist() for s in states],
-                free=[int(s.free_top[0]) for s in states],
-                capacity=rt.layout.num_data_subpages)
