@@ -11,7 +11,8 @@ step messages can make true (``vllm_dms.channel``):
   stacks full, no live row), whichever process holds it;
 * measurements reach the scheduler: the long prompt's reservation ends below the dense bound;
 * the greedy tokens and the per-(layer, slot, KV head) live counts the last round left in the
-  arenas are the same with every executor and at TP=2 (rank r holds KV head r).
+  arenas are the same with every executor, and at TP=2 (rank r holds KV head r) up to the
+  rounding of TP's all-reduce (see the TP test).
 
 The engine core runs in the test's interpreter (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the scheduler
 can be inspected; the workers' arenas are read through ``llm.collective_rpc``. Worker processes
@@ -143,10 +144,20 @@ def test_mp_executor_releases_reach_the_worker(ckpt, rounds, two_in_one):
 
 
 def test_tp2_equals_tp1_tokens_and_live_counts(ckpt, rounds, two_in_one):
+    """Layer 0's live counts are exactly TP=1's (its inputs are the same bits on every rank);
+    later layers read the hidden state after TP's bf16 all-reduce, whose rounding differs from
+    one GEMM's: on this model layer 1 has decision logits within 0.08-0.16 of the threshold
+    (fp32 reference, 100-token prompt), and such a decision may flip, so there a head may
+    differ by one key (measured: slot 2, both heads +1)."""
     (run,) = engines(ckpt, rounds, [dict(max_num_seqs=4, tensor_parallel_size=2)])
     assert len(run["idle"]) == 2, "one arena per rank"
     check_run(run)
     assert run["tokens"] == two_in_one[0]["tokens"]
     per_rank = [sum(map(sum, r["rows"][0])) for r in run["last_round"]]
     assert all(per_rank), f"each rank holds live keys of its own head: {per_rank}"
-    assert live_by_head(run) == live_by_head(two_in_one[0])
+    tp1, tp2 = live_by_head(two_in_one[0]), live_by_head(run)
+    assert tp2[0] == tp1[0]
+    for one, two in zip(tp1[1:], tp2[1:]):
+        assert one.keys() == two.keys()
+        for slot, heads in one.items():
+            assert max(abs(a - b) for a, b in zip(heads, two[slot])) <= 1, (slot, heads, two)
