@@ -80,7 +80,7 @@ def worker(a) -> None:
         assert all(len(o.outputs[0].token_ids) == gen for o in out)
         dt = time.perf_counter() - t
         if kv == "dms_fp8":
-            last_bytes[c] = dms_bytes_per_seq(c)
+            last_bytes[c] = dms_bytes_per_seq(llm, c)
         return dt
 
     for c in a.conc:
@@ -126,12 +126,11 @@ def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
     return out
 
 
-def dms_bytes_per_seq(c: int) -> float:
+def dms_bytes_per_seq(llm, c: int) -> float:
     """Arena bytes the just-finished requests hold (their rows are released at the next step)."""
-    from vllm_dms.channel import CHANNEL
-    from vllm_dms.runtime import get_runtime
-    rt = get_runtime()
-    slots = CHANNEL.release[-c:]
+    from vllm_dms.runtime import inprocess_engine
+    mgr, rt = inprocess_engine(llm)
+    slots = mgr.link.release[-c:]
     return sum(rt.slot_bytes(s) for s in slots) / len(slots)
 
 

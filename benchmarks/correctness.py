@@ -138,10 +138,9 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_dms.channel import CHANNEL
     from vllm_dms.config import DMSConfig
     from vllm_dms.reference import reference_forward
-    from vllm_dms.runtime import get_runtime
+    from vllm_dms.runtime import inprocess_engine
 
     dms = DMSConfig.from_checkpoint(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -167,8 +166,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     per_prompt, gap_in = [], ([], [], [], [])
     for ids in prompts:
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0].outputs[0]
-        rt = get_runtime()
-        slot = CHANNEL.release[-1]
+        mgr, rt = inprocess_engine(llm)
+        slot = mgr.link.release[-1]
         kv_layers = [kv for kv in _kv_layers(llm)]
         live, pages, positions = arena_rows(rt.layout, kv_layers, slot)
         seq = ids + list(out.token_ids)

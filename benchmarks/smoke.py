@@ -23,8 +23,7 @@ def main():
     a = ap.parse_args()
     from vllm import LLM, SamplingParams
 
-    from vllm_dms.channel import CHANNEL
-    from vllm_dms.runtime import get_runtime
+    from vllm_dms.runtime import inprocess_engine
     t0 = time.time()
     llm = LLM(a.model, load_format="dummy", kv_cache_dtype="dms_fp8", max_model_len=a.ctx + 64,
               max_num_seqs=8, gpu_memory_utilization=0.5, enforce_eager=not a.graphs, seed=0)
@@ -36,8 +35,8 @@ def main():
     print(f"generate {time.time() - t0:.2f}s")
     for o in outs:
         print("tokens", list(o.outputs[0].token_ids)[:12])
-    rt = get_runtime()
-    slots = CHANNEL.release[-a.n:]
+    mgr, rt = inprocess_engine(llm)
+    slots = mgr.link.release[-a.n:]
     dense_fp8 = (a.ctx + 31) * rt.layout.num_layers * rt.layout.num_kv_heads * rt.layout.head_dim * 2
     for s in slots:
         b = rt.slot_bytes(s)

@@ -23,7 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_scheduler import layer_names, make_scheduler, make_vllm_config
 from vllm.v1.outputs import ModelRunnerOutput
+from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR
 from vllm_dms.config import DMSConfig
+from vllm_dms.runtime import worker_link
 from vllm_dms.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin,
                                 dms_attention_reference, fp8_roundtrip, project_qkv,
                                 shifted_flags)
@@ -145,6 +147,7 @@ class SimEngine:
         for name, kv in zip(self.names, self.kvs):
             ctx[name] = types.SimpleNamespace(kv_cache=kv)
         self.builder = DMSMetadataBuilder(spec, self.names, vc, torch.device("cpu"))
+        self.link = worker_link(ctx, self.names)  # the builder finds the same one
         self.impl = DMSCompactAttentionImpl(dms.num_q_heads, dms.head_dim, dms.head_dim ** -0.5,
                                             dms.num_kv_heads)
         self.block: dict[str, int] = {}
@@ -173,7 +176,12 @@ class SimEngine:
             if rid in c.resumed_req_ids:
                 self.block[rid] = c.new_block_ids[i][0][0]
         rows = sorted(out.num_scheduled_tokens.items(), key=lambda x: x[1] != 1)  # decodes first
-        self.sched.update_from_output(out, self._execute(rows))
+        self.link.receive(getattr(out, ORDERS_ATTR))  # as the worker patch, before the forward
+        mro = self._execute(rows)
+        if rows:
+            self.link.after_forward()
+            setattr(mro, FEEDBACK_ATTR, self.link.report())
+        self.sched.update_from_output(out, mro)
 
     def _execute(self, rows) -> ModelRunnerOutput:
         if not rows:

@@ -3,9 +3,9 @@
 CPU only. VLLM_USE_V2_MODEL_RUNNER=0 (set by the test_scheduler harness); the second case flips
 ``Scheduler.use_v2_model_runner`` so resumed requests arrive in MRv2's format (as new requests).
 The simulated worker (test_scheduler.SimWorker) checks, every step, that it sees exactly [slot]
-once per (re)admission, that CHANNEL.release holds exactly the slots of finished / preempted
-requests, that each reservation equals arena.reservation_blocks and covers the pages it holds.
-Also: the CHANNEL contract itself and the dms_stats() gauges.
+once per (re)admission, that the releases on the SchedulerOutput are exactly the slots of
+finished / preempted requests, that each reservation equals arena.reservation_blocks and covers
+the pages it holds. Also: the scheduler's half of the step messages and the dms_stats() gauges.
 """
 import random
 import time
@@ -18,7 +18,7 @@ import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.request import RequestStatus
 
-from vllm_dms.channel import CHANNEL, INVALID
+from vllm_dms.channel import INVALID, SchedulerLink
 
 H, D, P, W, SEQS, MAX_LEN, BLOCKS, LAYERS = 2, 16, 16, 32, 16, 1024, 180, 4
 
@@ -26,7 +26,6 @@ H, D, P, W, SEQS, MAX_LEN, BLOCKS, LAYERS = 2, 16, 16, 32, 16, 1024, 180, 4
 @pytest.mark.parametrize("v2_format,num_events", [(False, 10_000), (True, 3_000)])
 def test_random_events_keep_the_ledger_exact(dms, llama_dir, v2_format, num_events):
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     rng = random.Random(20260 + v2_format)
     vc = make_vllm_config(llama_dir, max_num_seqs=SEQS, max_num_batched_tokens=256,
                           max_model_len=MAX_LEN)
@@ -121,7 +120,7 @@ def test_random_events_keep_the_ledger_exact(dms, llama_dir, v2_format, num_even
     step()  # the worker drains the last releases
     check()
     assert mgr.block_pool.get_num_free_blocks() == initial_free
-    assert mgr.num_held == 0 and not mgr._slot_of and not CHANNEL.release
+    assert mgr.num_held == 0 and not mgr._slot_of and not mgr.link.release
     assert sorted(worker.released) == sorted(expected_freed) and expected_freed
     print(f"\n[test3 v2_format={v2_format}] {num_events} events: {stats}, aborted {aborted}, "
           f"slots released {len(worker.released)}")
@@ -129,21 +128,21 @@ def test_random_events_keep_the_ledger_exact(dms, llama_dir, v2_format, num_even
     assert all(aborted.values()), aborted
 
 
-def test_channel_and_stats(dms, llama_dir):
+def test_scheduler_link_and_stats(dms, llama_dir):
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
-    m = CHANNEL.ensure(5)
-    assert CHANNEL.ensure(5) is m and m.dtype == torch.int32 and tuple(m.shape) == (5, 2)
-    assert CHANNEL.read_row(3)[:2] == (INVALID, 0)
-    m[3] = torch.tensor([7, 9], dtype=torch.int32)  # the worker writes in place
-    assert CHANNEL.read_row(3)[:2] == (7, 9)
-    CHANNEL.invalidate(3)
-    assert CHANNEL.read_row(3)[:2] == (INVALID, 0)
-    with pytest.raises(ValueError, match="5 slots"):
-        CHANNEL.ensure(6)
-    with pytest.raises(AttributeError):
-        CHANNEL.measured = m
-    CHANNEL.reset()
+    link = SchedulerLink(5)
+    assert link.read(3) == (INVALID, 0) and link.feedback.dtype == torch.int32
+    rows = link.feedback.numpy().copy()
+    rows[3] = (7, 9, 11, 2)  # a worker report
+    link.absorb(rows)
+    assert link.read(3) == (7, 9) and link.read_row(3) == (7, 9, 11, 2)
+    link.invalidate(3)
+    assert link.read(3) == (INVALID, 0)
+    with pytest.raises(ValueError, match="another engine"):
+        link.absorb(rows[:4])  # a report of another shape is never mixed in
+    link.release.append(4)
+    sent = link.take_orders()
+    assert sent.release == [4] and not link.release and not link.take_orders()
 
     vc = make_vllm_config(llama_dir, max_num_seqs=4, max_num_batched_tokens=512,
                           max_model_len=1024)

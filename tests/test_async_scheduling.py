@@ -16,13 +16,15 @@ import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.request import RequestStatus
 
-from vllm_dms.channel import CHANNEL, TAG_GENERATIONS, encode_block_id
+from vllm_dms.channel import (COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR, TAG_GENERATIONS,
+                              encode_block_id)
 
 H, D, P, W, SEQS, MAX_LEN, BLOCKS, LAYERS = 2, 16, 16, 32, 16, 1024, 180, 4
 
 
 class LaggingWorker:
-    """The DMS worker under async scheduling: its CHANNEL rows land late, sometimes stale."""
+    """The DMS worker under async scheduling: its rows land late (sometimes stale copies) in
+    its host table, whose newest state rides on each ModelRunnerOutput it returns."""
 
     def __init__(self, mgr, rng, live_fn):
         self.mgr, self.lay, self.rng, self.live_fn = mgr, mgr.layout, rng, live_fn
@@ -32,10 +34,12 @@ class LaggingWorker:
         self.pending: list[tuple[int, int, list[int]]] = []  # (lands at exec #, slot, row)
         self.history: deque = deque(maxlen=64)  # recent (slot, row): replayed as stale copies
         self.execs = self.released = self.measured_steps = self.stale_rows = 0
+        self.rows = torch.zeros(self.lay.num_slots, COLS, dtype=torch.int32)  # landed copies
+        self.rows[:, 0] = INVALID
 
     def execute(self, sched, out):
         S1 = self.lay.num_slots
-        drained = CHANNEL.take_release()  # build(): before any pack of this step
+        drained = getattr(out, ORDERS_ATTR).release  # applied before any pack of this step
         self.released += len(drained)
         gone = out.finished_req_ids | out.preempted_req_ids
         expect = [self.slot.pop(r) for r in gone if r in self.slot]
@@ -70,6 +74,7 @@ class LaggingWorker:
         out_now = runner_output(sched, out)  # sampled now; the scheduler sees it a step later
         self.land()
         self.execs += 1
+        setattr(out_now, FEEDBACK_ATTR, self.rows.numpy().copy())  # what has landed so far
         return out_now
 
     def land(self):
@@ -81,12 +86,11 @@ class LaggingWorker:
         for _, slot, row in due:
             owner = next((r for r, s in self.slot.items() if s == slot), None)
             self.stale_rows += owner is None or self.tag[owner] != row[3]
-            CHANNEL.feedback[slot] = torch.tensor(row, dtype=torch.int32)
+            self.rows[slot] = torch.tensor(row, dtype=torch.int32)
 
 
 def test_async_random_events_with_lagging_measurements(dms, llama_dir):  # noqa: F811
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     rng = random.Random(4242)
     vc = make_vllm_config(llama_dir, max_num_seqs=SEQS, max_num_batched_tokens=256,
                           max_model_len=MAX_LEN, async_scheduling=True)
@@ -167,7 +171,7 @@ def test_async_random_events_with_lagging_measurements(dms, llama_dir):  # noqa:
         step()
     check()
     assert mgr.block_pool.get_num_free_blocks() == initial_free
-    assert mgr.num_held == 0 and not mgr._slot_of and not CHANNEL.release
+    assert mgr.num_held == 0 and not mgr._slot_of and not mgr.link.release
     print(f"\n[async] {stats}, released {worker.released}, measured steps "
           f"{worker.measured_steps}, stale rows {worker.stale_rows}")
     assert stats["preempted"] > 0 and stats["finished"] > 0
@@ -177,7 +181,6 @@ def test_async_random_events_with_lagging_measurements(dms, llama_dir):  # noqa:
 
 def test_stale_row_of_previous_owner_is_ignored(dms, llama_dir):  # noqa: F811
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=2, max_num_batched_tokens=512,
                           max_model_len=512, async_scheduling=True)
     spec = spec_mod.DMSCompactSpec(block_size=P, num_kv_heads=H, head_size=D, dtype=torch.uint8,
@@ -194,16 +197,15 @@ def test_stale_row_of_previous_owner_is_ignored(dms, llama_dir):  # noqa: F811
     assert mgr.slot_of("new") == slot and mgr._gen[slot] == (gen + 1) % TAG_GENERATIONS
     req = sched.requests["new"]
     # The old owner's copy (n_done 300, 1 page) lands late: tag mismatch, worst case kept.
-    CHANNEL.feedback[slot] = torch.tensor([300, 1, 0, gen], dtype=torch.int32)
+    mgr.link.feedback[slot] = torch.tensor([300, 1, 0, gen], dtype=torch.int32)
     assert mgr._measured(req, slot) is None
-    CHANNEL.feedback[slot] = torch.tensor([300, 1, 0, mgr._gen[slot]], dtype=torch.int32)
+    mgr.link.feedback[slot] = torch.tensor([300, 1, 0, mgr._gen[slot]], dtype=torch.int32)
     assert mgr._measured(req, slot) == (300, 1)
-    CHANNEL.feedback[slot] = torch.tensor([299, 1, 0, mgr._gen[slot]], dtype=torch.int32)
+    mgr.link.feedback[slot] = torch.tensor([299, 1, 0, mgr._gen[slot]], dtype=torch.int32)
     assert mgr._measured(req, slot) == (299, 1)  # lagging: reservation adds the growth
-    CHANNEL.feedback[slot] = torch.tensor([301, 1, 0, mgr._gen[slot]], dtype=torch.int32)
+    mgr.link.feedback[slot] = torch.tensor([301, 1, 0, mgr._gen[slot]], dtype=torch.int32)
     assert mgr._measured(req, slot) is None  # ahead of the scheduler: not this state
     assert mgr.layout.reservation_blocks(302, (299, 1)) == 1 + cdiv(3, P)
-    CHANNEL.reset()
 
 
 def test_sync_scheduler_refuses_async_config_and_back(dms, llama_dir):  # noqa: F811
@@ -216,7 +218,6 @@ def test_sync_scheduler_refuses_async_config_and_back(dms, llama_dir):  # noqa: 
                                        dtype=torch.uint8, dms_window=W, dms_max_num_seqs=2)
         with pytest.raises(ValueError, match="async_scheduling"):
             make_scheduler(cls, vc, spec, LAYERS, 200)
-    CHANNEL.reset()
 
 
 def test_tagged_block_id_bound_checked_at_startup(dms, llama_dir):  # noqa: F811
@@ -224,7 +225,6 @@ def test_tagged_block_id_bound_checked_at_startup(dms, llama_dir):  # noqa: F811
 
     from vllm_dms.config import DMSConfigError
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     seqs, bs = 4096, 2048  # 4097 * 256 * 2048 >= 2**31
     vc = make_vllm_config(llama_dir, max_num_seqs=seqs, max_num_batched_tokens=4096,
                           max_model_len=2048, block_size=bs)
@@ -232,7 +232,6 @@ def test_tagged_block_id_bound_checked_at_startup(dms, llama_dir):  # noqa: F811
                                    dtype=torch.uint8, dms_window=W, dms_max_num_seqs=seqs)
     with pytest.raises(DMSConfigError, match="int32"):
         make_scheduler(sched_mod.DMSScheduler, vc, spec, 1, 200)
-    CHANNEL.reset()
 
 
 def test_builder_decodes_slot_and_tag():

@@ -261,6 +261,8 @@ def test_builder_splits_first_and_continuation_chunks():
     rt.init_arenas([kv])
     b = object.__new__(DMSMetadataBuilder)  # only what build() reads
     b.runtime, b._kv_layers = rt, (lambda: [kv])
+    from vllm_dms.runtime import WorkerLink
+    b.link = WorkerLink()  # no snapshot orders this step
     b._slots, b._pos = (torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(2))
 
     def cam(qsl, seq, slots, cpu_seq=True):

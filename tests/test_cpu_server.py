@@ -19,7 +19,7 @@ import test_gpu_server as G  # noqa: E402
 from gpu_util import Server, kv_bytes_for_blocks  # noqa: E402
 from sim_engine import write_checkpoint  # noqa: E402
 
-ENV = {"PYTHONPATH": f"{TESTS / 'cpu_site'}:{TESTS}", "VLLM_DMS_CPU_ENGINE": "1",
+ENV = {"PYTHONPATH": f"{TESTS.parent}:{TESTS / 'cpu_site'}:{TESTS}", "VLLM_DMS_CPU_ENGINE": "1",
        "TRITON_INTERPRET": "1", "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_SERVER_DEV_MODE": "1",
        "HF_HUB_OFFLINE": "1"}
 

@@ -1,6 +1,7 @@
 """DMS gauges on vLLM's Prometheus /metrics, the whole path on CPU (Triton interpreter):
 
-kernels' live counter (DMSRuntime.slot_live) -> publish() -> CHANNEL.feedback -> DMSScheduler
+kernels' live counter (DMSRuntime.slot_live) -> publish() -> the worker's report on the
+ModelRunnerOutput -> DMSScheduler
 .make_stats -> EngineCoreOutputs through vLLM's msgpack codec -> StatLoggerManager (our plugin
 logger, then vLLM's LoggingStatLogger) -> prometheus_client text.
 """
@@ -25,7 +26,8 @@ from vllm.v1.metrics.loggers import (LoggingStatLogger, PrometheusStatLogger,  #
 from vllm.v1.metrics.stats import SchedulerStats  # noqa: E402
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder  # noqa: E402
 
-from vllm_dms.channel import CHANNEL  # noqa: E402
+from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR  # noqa: E402
+from vllm_dms.runtime import WorkerLink  # noqa: E402
 from vllm_dms.config import DMSConfig  # noqa: E402
 from vllm_dms.kernels.arena_ops import arena_state  # noqa: E402
 from vllm_dms.metrics import GAUGES, DMSPrometheusStatLogger, take_dms_stats  # noqa: E402
@@ -66,6 +68,8 @@ class ArenaWorker:
                              decision_shift=1, target_cr=None, source="test")
         self.rt = DMSRuntime(self.dms, layout, self.names, H * G, torch.device("cpu"))
         self.rt.init_arenas(self.kvs)
+        self.link = WorkerLink()  # what the worker patch drives around each step
+        self.link.runtime = self.rt
         self.impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
         self.gen = torch.Generator().manual_seed(seed)
         self.slot: dict[str, int] = {}
@@ -83,9 +87,7 @@ class ArenaWorker:
 
     def step(self, sched, out):
         from vllm_dms.backend import DMSMetadata
-        freed = CHANNEL.take_release()  # what DMSMetadataBuilder.build does first
-        if freed:
-            self.rt.release(self.kvs, freed)
+        self.link.receive(getattr(out, ORDERS_ATTR))  # releases before the forward
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)
         for r in out.scheduled_new_reqs:  # block id = slot + S1 * owner tag
@@ -112,7 +114,10 @@ class ArenaWorker:
                 self.impl.forward(types.SimpleNamespace(layer_name=name),
                                   x["q"][sl].reshape(k, -1), x["k"][sl].reshape(k, -1),
                                   x["v"][sl].reshape(k, -1), kv, md, out_buf)
-        return runner_output(sched, out)
+        self.link.after_forward()
+        mro = runner_output(sched, out)
+        setattr(mro, FEEDBACK_ATTR, self.link.report())
+        return mro
 
     def live_in_arenas(self, slot) -> int:
         return sum(int(arena_state(kv.view(-1), self.layout).row_len[slot].sum())
@@ -121,7 +126,6 @@ class ArenaWorker:
 
 def test_live_counter_reaches_prometheus(dms, llama_dir, monkeypatch):  # noqa: F811
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=S, max_num_batched_tokens=256,
                           max_model_len=MAX_LEN)
     sched = make_scheduler(sched_mod.DMSScheduler, vc, dms_config(vc, spec_mod, monkeypatch),
@@ -146,7 +150,7 @@ def test_live_counter_reaches_prometheus(dms, llama_dir, monkeypatch):  # noqa: 
         for rid, slot in mgr._slot_of.items():
             in_arena = worker.live_in_arenas(slot)
             assert int(worker.rt.slot_live[slot]) == in_arena, "counter == sum of row_len"
-            assert CHANNEL.read_row(slot)[2] == in_arena, "published with the feedback copy"
+            assert mgr.link.read_live(slot)[1] == in_arena, "reported with the step's output"
             live += in_arena
             dense += sched.requests[rid].num_computed_tokens * L * H
         assert stats.kv_connector_stats[STATS_KEY]["live_kv_tokens"] == live
@@ -168,13 +172,11 @@ def test_live_counter_reaches_prometheus(dms, llama_dir, monkeypatch):  # noqa: 
     m = scrape()
     assert m["vllm:dms_live_kv_tokens"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
     assert m["vllm:dms_arena_bytes_in_use"] == mgr.layout.first_data_block * block_bytes
-    CHANNEL.reset()
 
 
-def test_gauges_from_simulated_channel(dms, llama_dir, monkeypatch):  # noqa: F811
+def test_gauges_from_simulated_rows(dms, llama_dir, monkeypatch):  # noqa: F811
     """The stats dict the scheduler builds from hand-written worker rows."""
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=S, max_num_batched_tokens=256,
                           max_model_len=MAX_LEN)
     sched = make_scheduler(sched_mod.DMSScheduler, vc, dms_config(vc, spec_mod, monkeypatch),
@@ -185,9 +187,9 @@ def test_gauges_from_simulated_channel(dms, llama_dir, monkeypatch):  # noqa: F8
     sched.schedule()
     sx, sy = mgr.slot_of("x"), mgr.slot_of("y")
     gx, gy = mgr._gen[sx], mgr._gen[sy]  # (n_done, pages, live, owner tag)
-    CHANNEL.feedback[sx] = torch.tensor([30, 4, 50, gx], dtype=torch.int32)
-    CHANNEL.feedback[sy] = torch.tensor([12, 2, 48, gy], dtype=torch.int32)
-    CHANNEL.feedback[S] = torch.tensor([99, 9, 999, 0], dtype=torch.int32)  # nobody's: ignored
+    mgr.link.feedback[sx] = torch.tensor([30, 4, 50, gx], dtype=torch.int32)
+    mgr.link.feedback[sy] = torch.tensor([12, 2, 48, gy], dtype=torch.int32)
+    mgr.link.feedback[S] = torch.tensor([99, 9, 999, 0], dtype=torch.int32)  # nobody's: ignored
     page = mgr.layout.page_bytes * L
     got = sched.make_stats().kv_connector_stats[STATS_KEY]
     dense = (30 + 12) * L * H
@@ -195,9 +197,8 @@ def test_gauges_from_simulated_channel(dms, llama_dir, monkeypatch):  # noqa: F8
                        compression_ratio=dense / 98,
                        arena_bytes_in_use=(mgr.layout.first_data_block + mgr.num_held) * page,
                        arena_bytes_free=mgr.block_pool.get_num_free_blocks() * page)
-    CHANNEL.invalidate(sy)  # a slot that changed owner counts nothing until the worker reports
+    mgr.link.invalidate(sy)  # a slot that changed owner counts nothing until the worker reports
     assert sched.make_stats().kv_connector_stats[STATS_KEY]["live_kv_tokens"] == 50
-    CHANNEL.reset()
 
 
 def test_no_dict_without_the_dms_logger(dms, llama_dir, monkeypatch):  # noqa: F811
@@ -205,7 +206,6 @@ def test_no_dict_without_the_dms_logger(dms, llama_dir, monkeypatch):  # noqa: F
     that matters because vLLM's LoggingStatLogger cannot take a kv_connector_stats dict without
     a KV connector, while its Prometheus logger ignores it."""
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=S, max_num_batched_tokens=256,
                           max_model_len=MAX_LEN)
     spec = dms_config(vc, spec_mod, monkeypatch, metrics=False)
@@ -218,7 +218,6 @@ def test_no_dict_without_the_dms_logger(dms, llama_dir, monkeypatch):  # noqa: F
     other = SchedulerStats(kv_connector_stats={"other": 1, **payload})
     assert take_dms_stats(other) == payload[STATS_KEY] and other.kv_connector_stats == {"other": 1}
     assert take_dms_stats(SchedulerStats()) is None and take_dms_stats(None) is None
-    CHANNEL.reset()
 
 
 def test_dense_engine_gets_stock_series_only(llama_dir):  # noqa: F811

@@ -17,6 +17,9 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 
+from vllm_dms.channel import COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR
+from vllm_dms.runtime import WorkerLink
+
 LAYERS, SEQS, MAX_LEN, W = 16, 4, 512, 16
 
 
@@ -29,12 +32,13 @@ class Worker:
         self.released, self.first_computed, self.orders, self.forks = [], {}, [], []
         self.live = dms_live_8x(W)
         self.pack_snapshots = True  # False: every order's request is missing from the batch
+        self.rows = torch.zeros(self.lay.num_slots, COLS, dtype=torch.int32)  # its report
+        self.rows[:, 0] = INVALID
 
     def step(self, sched, out):
-        from vllm_dms.channel import CHANNEL
-        self.released += CHANNEL.take_release()
-        orders = CHANNEL.take_snapshots()
-        forks = CHANNEL.take_forks()
+        sent = getattr(out, ORDERS_ATTR)
+        self.released += sent.release
+        orders, forks = sent.snapshots, sent.forks
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)
         S1 = self.lay.num_slots
@@ -60,15 +64,17 @@ class Worker:
             assert req_slot in first and L < out.num_scheduled_tokens[first[req_slot].req_id]
             assert cache_slot not in self.slot.values(), "a snapshot never lands on a request"
             pages = H * -(-self.live(None, 0, 0, L) // P)
-            CHANNEL.feedback[cache_slot] = torch.tensor([L, pages, 0, tag], dtype=torch.int32)
+            self.rows[cache_slot] = torch.tensor([L, pages, 0, tag], dtype=torch.int32)
             self.orders.append((first[req_slot].req_id, L, cache_slot))
         for rid in out.num_scheduled_tokens:
             n = sched.requests[rid].num_computed_tokens
             pages = H * -(-self.live(rid, 0, 0, n) // P)
             assert pages <= H * self.mgr.held_blocks(rid), "the ledger covers the rows"
-            CHANNEL.feedback[self.slot[rid]] = torch.tensor([n, pages, 0, self.tag[rid]],
-                                                            dtype=torch.int32)
-        return runner_output(sched, out, token=7)
+            self.rows[self.slot[rid]] = torch.tensor([n, pages, 0, self.tag[rid]],
+                                                     dtype=torch.int32)
+        mro = runner_output(sched, out, token=7)
+        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())
+        return mro
 
 
 def setup(dms_mod, model, blocks=400, stride=None):
@@ -134,9 +140,8 @@ def test_multi_turn_prompt_takes_the_finished_rows(dms, llama_dir):  # noqa: F81
     run(sched, worker, check=lambda: invariants(mgr))
     assert len(mgr.cache) == 1 and len(mgr.cache.entries()[0].tokens) == len(turn2) + 3
     assert mgr.reset_prefix_cache() and len(mgr.cache) == 0
-    from vllm_dms.channel import CHANNEL
     assert mgr.block_pool.get_num_free_blocks() == free0
-    assert slot_a in CHANNEL.release, "the worker frees the rows at its next step"
+    assert slot_a in mgr.link.release, "the next step tells the worker to free the rows"
 
 
 def test_prompt_logprobs_request_does_not_read_the_cache(dms, llama_dir):  # noqa: F811
@@ -200,13 +205,12 @@ def test_entries_are_evicted_lru_for_blocks_and_slots(dms, llama_dir):  # noqa: 
 
 
 def test_snapshot_of_a_shared_prefix_serves_a_different_prompt(dms, llama_dir):  # noqa: F811
-    from vllm_dms.channel import CHANNEL
     sched, mgr, worker = setup(dms, llama_dir, stride=16)
     free0 = mgr.block_pool.get_num_free_blocks()
     system = list(range(100, 140))  # 40 tokens every prompt shares
     sched.add_request(request("a", system + [1] * 5, 3))
     out = sched.schedule()
-    assert sorted(L for _, L, _, _ in CHANNEL.snapshots) == [16, 32], "first-chunk snapshots"
+    assert sorted(L for _, L, _, _ in getattr(out, ORDERS_ATTR).snapshots) == [16, 32], "first-chunk snapshots"
     assert not any(e.ready for e in mgr.cache.entries()), "written by this very step"
     dense = [len(e.held) for e in mgr.cache.entries()]
     sched.update_from_output(out, worker.step(sched, out))
@@ -218,7 +222,7 @@ def test_snapshot_of_a_shared_prefix_serves_a_different_prompt(dms, llama_dir): 
     snap32 = next(c for r, L, c in worker.orders if L == 32)
     assert new.num_computed_tokens == 32 and out.num_scheduled_tokens["b"] == 47 - 32
     assert new.block_ids[0][0] % mgr.layout.num_slots != snap32, "b has a slot of its own"
-    assert CHANNEL.forks == [(snap32, new.block_ids[0][0] % mgr.layout.num_slots)]
+    assert getattr(out, ORDERS_ATTR).forks == [(snap32, new.block_ids[0][0] % mgr.layout.num_slots)]
     assert mgr.cache.oldest() is not None and all(
         e.pinned == (e.slot == snap32) for e in mgr.cache.entries()), "pinned while copied"
     sched.update_from_output(out, worker.step(sched, out))
@@ -238,19 +242,19 @@ def test_a_snapshot_the_worker_never_packed_is_never_forked(dms, llama_dir):  # 
     """Orders whose request was not in the worker's batch leave the cache slots unreported
     (DMSRuntime.order_snapshots): a prompt sharing the prefix must recompute it, not fork
     empty rows, and the unwritten snapshots still leave the cache cleanly."""
-    from vllm_dms.channel import CHANNEL
     sched, mgr, worker = setup(dms, llama_dir, stride=16)
     free0 = mgr.block_pool.get_num_free_blocks()
     system = list(range(100, 140))
     worker.pack_snapshots = False
     sched.add_request(request("a", system + [1] * 5, 3))
     out = sched.schedule()
-    assert len(CHANNEL.snapshots) == 2, "orders were made"
+    assert len(getattr(out, ORDERS_ATTR).snapshots) == 2, "orders were made"
     sched.update_from_output(out, worker.step(sched, out))
     sched.add_request(request("b", system + [2] * 7, 3))
     out = sched.schedule()
     (new,) = out.scheduled_new_reqs
-    assert new.num_computed_tokens == 0 and CHANNEL.forks == [], "no hit on unwritten rows"
+    assert new.num_computed_tokens == 0 and getattr(out, ORDERS_ATTR).forks == [], \
+        "no hit on unwritten rows"
     assert all(e.measured is None for e in mgr.cache.entries() if e.shared)
     sched.update_from_output(out, worker.step(sched, out))
     run(sched, worker, check=lambda: invariants(mgr))
@@ -316,6 +320,8 @@ class KernelWorker:
                         decision_shift=1, target_cr=None, source="test")
         self.rt = DMSRuntime(cfg, lay, self.names, H * G, torch.device("cpu"))
         self.rt.init_arenas(self.kvs)
+        self.link = WorkerLink()  # what the worker patch drives around each step
+        self.link.runtime = self.rt
         self.impl = DMSCompactAttentionImpl(H * G, D, D ** -0.5, H)
         g = torch.Generator().manual_seed(3)
         self.q = torch.randn(vocab, max_len, H * G, D, generator=g).to(torch.bfloat16)
@@ -326,14 +332,8 @@ class KernelWorker:
 
     def step(self, sched, out):
         from vllm_dms.backend import DMSMetadata
-        from vllm_dms.channel import CHANNEL
-        freed = CHANNEL.take_release()
-        if freed:
-            self.rt.release(self.kvs, freed)
-        forks = CHANNEL.take_forks()
-        if forks:
-            self.rt.fork(self.kvs, forks)
-        orders = CHANNEL.take_snapshots()
+        self.link.receive(getattr(out, ORDERS_ATTR))  # releases, forks: before the forward
+        orders = self.link.take_snapshots()
         S1, i32 = self.lay.num_slots, dict(dtype=torch.int32)
         for r in out.scheduled_new_reqs:
             bid = r.block_ids[0][0]
@@ -369,7 +369,10 @@ class KernelWorker:
             self.outs.setdefault(rid, []).append((done, torch.stack(outs)))
             self.rows_after_first.setdefault(rid, self.rows(slot))
         assert int(self.rt.overflow[0]) == 0
-        return runner_output(sched, out, token=7)
+        self.link.after_forward()
+        mro = runner_output(sched, out, token=7)
+        setattr(mro, FEEDBACK_ATTR, self.link.report())
+        return mro
 
     def rows(self, slot):
         from vllm_dms.kernels.arena_ops import arena_read_row

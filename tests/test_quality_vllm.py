@@ -202,22 +202,20 @@ def test_score_vllm_plumbing_with_a_fake_engine(monkeypatch, read_live):
 
 def test_arena_live_reads_the_released_slot_in_layer_order(monkeypatch):
     from vllm_dms import runtime
-    from vllm_dms.channel import CHANNEL
     from vllm_dms.kernels import arena_ops
     rows = {"l0": torch.tensor([[9, 9], [4, 5]]), "l1": torch.tensor([[9, 9], [6, 7]])}
     kv = {name: NS(kv_cache=NS(view=lambda _, n=name: n)) for name in rows}
-    monkeypatch.setattr(runtime, "_RUNTIME", NS(layer_index={"l1": 1, "l0": 0}, layout=None))
-    monkeypatch.setattr(CHANNEL, "release", [0, 1])
+    mgr = NS(link=NS(release=[0, 1]))  # the scheduler's releases not yet sent: rows intact
+    rt = NS(layer_index={"l1": 1, "l0": 0}, layout=None)
+    monkeypatch.setattr(runtime, "inprocess_engine", lambda llm: (mgr, rt))
     monkeypatch.setattr(arena_ops, "arena_state", lambda n, layout: NS(row_len=rows[n]))
-    runner = NS(vllm_config=NS(compilation_config=NS(static_forward_context=kv)))
-    llm = NS(llm_engine=NS(engine_core=NS(engine_core=NS(model_executor=NS(
-        driver_worker=NS(worker=NS(model_runner=runner)))))))
+    llm = NS(llm_engine=NS(vllm_config=NS(compilation_config=NS(static_forward_context=kv))))
     assert qv.arena_live(llm, 8).tolist() == [[4, 5], [6, 7]]
     with pytest.raises(RuntimeError):  # 9 live keys in an 8-token window: not this request's row
-        monkeypatch.setattr(CHANNEL, "release", [1, 0])
+        mgr.link.release = [1, 0]
         qv.arena_live(llm, 8)
-    monkeypatch.setattr(runtime, "_RUNTIME", None)
-    with pytest.raises(RuntimeError):
+    mgr.link.release = []
+    with pytest.raises(RuntimeError, match="no released slot"):
         qv.arena_live(llm, 8)
 
 

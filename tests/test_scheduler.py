@@ -154,19 +154,22 @@ def dms_live_8x(window: int):
 
 
 class SimWorker:
-    """Plays the DMS worker: learns slots only from SchedulerOutput, drains CHANNEL.release
-    before packing, and after each step writes its CHANNEL row (n_done, pages_max, 0, tag)."""
+    """Plays the DMS worker: learns slots and releases only from the SchedulerOutput, and after
+    each step reports its rows (n_done, pages_max, 0, tag) on the ModelRunnerOutput."""
 
     def __init__(self, mgr, live_fn, report=lambda rid: True):
+        from vllm_dms.channel import COLS, INVALID
         self.mgr, self.layout, self.live_fn, self.report = mgr, mgr.layout, live_fn, report
         self.slot: dict[str, int] = {}
         self.tag: dict[str, int] = {}  # owner tag decoded from the block id
         self.live: dict[str, tuple[int, int]] = {}  # rid -> (n_done, live tokens per row)
         self.released: list[int] = []
+        self.rows = torch.zeros(mgr.layout.num_slots, COLS, dtype=torch.int32)
+        self.rows[:, 0] = INVALID
 
     def step(self, sched, out) -> ModelRunnerOutput:
-        from vllm_dms.channel import CHANNEL
-        drained = CHANNEL.take_release()
+        from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR
+        drained = getattr(out, ORDERS_ATTR).release
         self.released += drained
         gone = out.finished_req_ids | out.preempted_req_ids
         expect = [self.slot.pop(r) for r in gone if r in self.slot]
@@ -192,7 +195,7 @@ class SimWorker:
             n_prev, live_prev = self.live[rid]
             assert n_prev == n - k, (rid, n_prev, n, k)
             # The reservation is exactly the arena's function of what this worker last reported.
-            row = tuple(CHANNEL.feedback[self.slot[rid]].tolist())
+            row = self.mgr.link.read_row(self.slot[rid])  # what the scheduler last absorbed
             ok = row[3] == self.tag[rid] and 0 <= row[0] <= n_prev  # this owner's, maybe lagging
             want = self.layout.reservation_blocks(n, row[:2] if ok else None)
             assert self.mgr.held_blocks(rid) == want, (rid, n, row, want)
@@ -202,11 +205,13 @@ class SimWorker:
             # The ledger covers what the GPU holds: a pop never underflows the free stack.
             assert pages_max <= H * self.mgr.held_blocks(rid), (rid, pages_max)
             if self.report(rid):
-                CHANNEL.feedback[self.slot[rid]] = torch.tensor([n, pages_max, 0, self.tag[rid]],
-                                                                dtype=torch.int32)
+                self.rows[self.slot[rid]] = torch.tensor([n, pages_max, 0, self.tag[rid]],
+                                                         dtype=torch.int32)
         used = sum(H * cdiv(lv, P) for _, lv in self.live.values())
         assert used <= self.layout.num_data_subpages
-        return runner_output(sched, out)
+        mro = runner_output(sched, out)
+        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())  # as the worker patch attaches it
+        return mro
 
 
 def drive(sched, step_fn, max_steps: int, on_step=None) -> int:
@@ -224,11 +229,8 @@ def drive(sched, step_fn, max_steps: int, on_step=None) -> int:
 @pytest.fixture(scope="module")
 def dms():
     from vllm_dms import scheduler, spec
-    from vllm_dms.channel import CHANNEL
     spec.register_spec()
-    CHANNEL.reset()
     yield spec, scheduler
-    CHANNEL.reset()
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +248,6 @@ def dms_spec(spec_mod, *, heads=8, head_dim=64, block_size=16, window=256, max_n
 def test_admission_5x_dense_at_equal_bytes(dms, llama_dir):
     spec_mod, sched_mod = dms
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
-    from vllm_dms.channel import CHANNEL
-    CHANNEL.reset()
     L, prompt, out_len, nreq = 16, 8192, 128, 100
     max_len = prompt + out_len
     vc = make_vllm_config(llama_dir, max_num_seqs=128, max_num_batched_tokens=8192,
@@ -300,9 +300,7 @@ def test_arena_that_cannot_hold_max_model_len_is_refused_at_startup(dms, llama_d
     """So no request can never fit after startup (tests/test_validation.py: per-request refusals,
     FINISHED_ERROR while the others are served)."""
     spec_mod, sched_mod = dms
-    from vllm_dms.channel import CHANNEL
     from vllm_dms.config import DMSConfigError
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=8, max_num_batched_tokens=512,
                           max_model_len=4096)
     dspec = dms_spec(spec_mod, max_num_seqs=8)
@@ -313,7 +311,6 @@ def test_arena_that_cannot_hold_max_model_len_is_refused_at_startup(dms, llama_d
     for part in ("--max-model-len 4096", f"{cdiv(4096, 16)} blocks of 16 tokens",
                  "--gpu-memory-utilization", "--max-num-seqs"):
         assert part in msg, (part, msg)
-    CHANNEL.reset()
 
 
 # ---------------------------------------------------------------------------- 4. parity

@@ -17,12 +17,8 @@ MARGIN = 0.02  # logits gap below which bf16 vs fp32 may legitimately pick the o
 @pytest.fixture(autouse=True)
 def _dms(monkeypatch):
     from vllm_dms import spec
-    from vllm_dms.channel import CHANNEL
     spec.register_spec()
-    CHANNEL.reset()
     monkeypatch.setattr("vllm_dms.runtime.DECODE_SPLITS", 2)  # interpreter time; split-K has its own tests
-    yield
-    CHANNEL.reset()
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +72,9 @@ def test_engine_matches_the_dense_reference(sim):
 @pytest.fixture(scope="module")
 def one_shot(sim):
     """Unchunked runs (a budget above every prompt) that the chunked runs must reproduce."""
-    from vllm_dms.channel import CHANNEL
     model, d = sim
     runs = {}
     for name, lengths in (("short", [1, W, W + 1, 37, 100]), ("long", [600, 100])):
-        CHANNEL.reset()
         eng = SimEngine(model, d, max_num_batched_tokens=1024, max_model_len=1024)
         prompts = prompts_of(lengths, seed=3)
         runs[name] = prompts, eng.generate(prompts, 6), eng.live
@@ -112,8 +106,6 @@ def test_preempted_requests_give_the_unpreempted_tokens(sim):
     model, d = sim
     prompts = prompts_of([90, 100, 80, 110], seed=2)
     roomy = SimEngine(model, d, max_model_len=160, num_blocks=400).generate(prompts, 36)
-    from vllm_dms.channel import CHANNEL
-    CHANNEL.reset()
     eng = SimEngine(model, d, max_model_len=160, num_blocks=16)
     free0 = eng.sched.dms.block_pool.get_num_free_blocks()
     assert eng.generate(prompts, 36) == roomy
@@ -133,8 +125,6 @@ def test_prefix_reuse_gives_the_same_tokens(sim):
                  for n in torch.randint(5, 20, (8,), generator=g)]
     runs = {}
     for caching in (False, True):
-        from vllm_dms.channel import CHANNEL
-        CHANNEL.reset()
         eng = SimEngine(model, d, max_num_seqs=8, caching=caching, snapshot_stride=64)
         out = eng.generate({"q0": system + questions[0]}, 4)  # its prefill orders snapshots
         out |= eng.generate({"turn": system + questions[0] + out["q0"] + [17, 18, 19]}, 4)

@@ -25,7 +25,6 @@ from vllm.utils.math_utils import cdiv  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
 from vllm_dms.arena import ArenaLayout  # noqa: E402
-from vllm_dms.channel import CHANNEL  # noqa: E402
 from vllm_dms.config import DMSConfigError  # noqa: E402
 from vllm_dms.validation import request_problem  # noqa: E402
 
@@ -206,7 +205,6 @@ def test_frontend_serves_the_rest_and_keeps_vllms_checks(frontend):
 def test_engine_refuses_bad_requests_and_serves_the_others(dms, llama_dir):  # noqa: F811
     spec_mod, sched_mod = dms
     from vllm.v1.engine import FinishReason
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=8, max_num_batched_tokens=512,
                           max_model_len=1024)
     sched = make_scheduler(sched_mod.DMSScheduler, vc, dms_spec(spec_mod, max_num_seqs=8), 16,
@@ -235,7 +233,6 @@ def test_engine_refuses_bad_requests_and_serves_the_others(dms, llama_dir):  # n
         assert finished[rid].new_token_ids == [] and words in finished[rid].stop_reason
     assert finished["small0"].finish_reason == FinishReason.LENGTH
     assert finished["small1"].finish_reason == FinishReason.LENGTH
-    CHANNEL.reset()
 
 
 # ---------------------------------------------------------------------------- 4. startup
@@ -253,7 +250,6 @@ def test_startup_boundary_is_one_max_model_len_request(dms, llama_dir):  # noqa:
     fits = next(n for n in range(need, 4 * need) if usable(n) >= need)
     assert usable(fits) == need and usable(fits - 1) == need - 1
     for blocks, ok in ((fits, True), (fits - 1, False)):
-        CHANNEL.reset()
         vc = make_vllm_config(llama_dir, max_num_seqs=seqs, max_num_batched_tokens=1024,
                               max_model_len=max_len)
         if ok:
@@ -265,4 +261,3 @@ def test_startup_boundary_is_one_max_model_len_request(dms, llama_dir):  # noqa:
                 make_scheduler(sched_mod.DMSScheduler, vc, spec, L, blocks)
             assert f"at most {(need - 1) * P} tokens" in str(e.value)
             assert "--gpu-memory-utilization" in str(e.value)
-    CHANNEL.reset()

@@ -1,8 +1,9 @@
 """DMSCompactAttentionBackend: vLLM's CUSTOM attention backend for ``--kv-cache-dtype dms_fp8``.
 
 Per step the builder turns vLLM's common metadata into ours (decodes first, then prefill
-chunks; each request's arena slot is the single block id the scheduler gave it), drains the
-slots freed since the last step, and the impl, per layer, stores then attends:
+chunks; each request's arena slot is the single block id the scheduler gave it; the slots
+freed since the last step were released before the forward), and the impl, per layer, stores
+then attends:
 
 * decode rows: ``dms_decode_store`` (decision from the carrier lane, flag, exact expiry by slot
   reuse, FP8 append) then ``dms_decode_attention`` (split-K over the row's live slots);
@@ -16,10 +17,11 @@ The decision channel is the query itself: the DMS model transform puts the raw p
 the borrowed lane (head h*G, lane D-1) back into that lane after RoPE, so the decision reaches us
 inside the attention op (ordered, graph- and compile-safe). The decode store decides from it in
 its kernel; every attention kernel reads the lane as 0 (``carrier=True``), so q is never copied.
-The builder also posts the last step's feedback to the host ring (``runtime.post``): inside a
-replayed CUDA graph only its device half runs.
+The scheduler's orders (releases, forks, snapshots) reach the builder through the engine's
+``WorkerLink`` (``vllm_dms.runtime``): releases and forks run before the step's forward
+(``vllm_dms.patches.worker``), snapshots are packed by this step's prefill.
 A request that takes a prefix entry (``vllm_dms.prefix_cache``), or hits a snapshot whose rows
-the build copies into its slot first (``runtime.fork``), arrives with its slot's rows already
+the worker copies into its slot before the forward (``runtime.fork``), arrives with its slot's rows already
 holding its first tokens: it is simply a continuation chunk.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_dms.arena import ArenaLayout, spec_page_bytes
 from vllm_dms.config import compact_head_size_ok
-from vllm_dms.runtime import DMSRuntime, capturing, get_runtime, set_runtime
+from vllm_dms.runtime import DMSRuntime, worker_link
 
 
 class DMSCompactAttentionBackend(AttentionBackend):
@@ -133,6 +135,7 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         self.layer_names = list(layer_names)
         self.vllm_config = vllm_config
         self.runtime: DMSRuntime | None = None  # found or made by the first build()
+        self.link = None  # the engine's WorkerLink (vllm_dms.runtime), found with the runtime
         sc, cc = vllm_config.scheduler_config, vllm_config.compilation_config
         self.max_rows = max(sc.max_num_seqs, cc.max_cudagraph_capture_size or 0, 1)
         self._slots = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
@@ -146,12 +149,13 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         if self.runtime is not None:
             return self.runtime
         kv_layers = self._kv_layers()
-        # Another builder of this engine may have made it; one of an earlier engine in this
-        # process (other KV tensors, maybe another layout) is never adopted.
-        shared = get_runtime()
-        if shared is not None and shared.serves(kv_layers):
-            self.runtime = shared
-            return shared
+        link = self.link = worker_link(self.vllm_config.compilation_config.static_forward_context,
+                                       self.layer_names)
+        # Another builder of this engine may have made it; one that initialised other KV
+        # tensors (a re-allocated cache) is never adopted.
+        if link.runtime is not None and link.runtime.serves(kv_layers):
+            self.runtime = link.runtime
+            return self.runtime
         from vllm_dms.config import dms_config_from_vllm
         spec, vc = self.kv_cache_spec, self.vllm_config
         dms = dms_config_from_vllm(vc)
@@ -164,26 +168,21 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
             num_layers=len(kv_layers), num_kv_heads=spec.num_kv_heads)
         layout.validate()
         num_q_heads = vc.model_config.get_num_attention_heads(vc.parallel_config)
+        tp = None
+        if vc.parallel_config.tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+            tp = get_tp_group()
         rt = DMSRuntime(dms, layout, self.layer_names, num_q_heads, self.device,
-                        max_rows=self.max_rows)
+                        max_rows=self.max_rows, tp_group=tp)
         rt.init_arenas(kv_layers)
-        self.runtime = set_runtime(rt)
+        self.runtime = link.runtime = rt
         return rt
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DMSMetadata:
-        from vllm_dms.channel import CHANNEL
         cam = common_attn_metadata
         rt = self._ensure_runtime()
-        if not capturing():
-            rt.post()  # the last step's feedback (a replayed graph only staged it on the device)
-        rt.check_overflow()
-        freed = CHANNEL.take_release()  # last step's finished/preempted slots, before any pack
-        if freed:
-            rt.release(self._kv_layers(), freed)
-        forks = CHANNEL.take_forks()  # prefix hits on snapshots: copy rows into empty slots
-        if forks:
-            rt.fork(self._kv_layers(), forks)
+        rt.check_overflow()  # releases and forks of this step ran already (WorkerLink.receive)
         nd, npf, nd_tok, _ = split_decodes_and_prefills(cam, decode_threshold=1)
         qsl_cpu = cam.query_start_loc_cpu
         n = cam.num_reqs
@@ -206,7 +205,7 @@ class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
         rt.slot_ntok.index_copy_(0, slots.long(), cam.seq_lens[: cam.num_reqs].to(torch.int32))
         rt.slot_ntok[0] = 0  # slot 0 is padding
         snap = (None, None, None)
-        orders = CHANNEL.take_snapshots()
+        orders = self.link.take_snapshots()
         if orders and npf:  # only first chunks get orders (the scheduler's rule)
             snap = rt.order_snapshots(orders, slots[nd:], prefill_cu)
         return DMSMetadata(

@@ -1,38 +1,44 @@
-"""Process-global side channel between the DMS scheduler and the DMS worker (TP=1, one process).
+"""What the DMS scheduler and the DMS worker of one engine tell each other, in vLLM's step messages.
 
-With TP=1 vLLM runs the worker inside the engine-core process (UniProcExecutor), so the scheduler
-and the worker share plain Python objects. schedule(), the worker's metadata build / forward and
-update_from_output run in one thread (also with async scheduling: only the GPU runs ahead), so no
-locking is needed; what can race is a device-to-host copy still landing, handled by the ring.
+No process-wide state: each engine's scheduler (``DMSKVCacheManager.link``) and each of its
+workers (``vllm_dms.runtime.WorkerLink``) own their half, so the worker may live in the engine
+core (UniProcExecutor), in a process of its own (MultiprocExecutor, any TP rank), and several
+engines may share one process.
 
-* ``release``:  slots the scheduler freed (finish, abort, preemption). The worker drains it at the
-  start of its next step, before it packs any new request, and pushes the slots' sub-pages back
-  to the free stacks.
-* ``feedback``: pinned CPU int32 ``[S1, 4]`` tensor, row = slot, columns ``(n_done, pages_max,
+* Scheduler -> worker: ``StepOrders`` set by ``DMSScheduler.schedule()`` on the
+  ``SchedulerOutput`` it returns (attribute ``ORDERS_ATTR``; a plain dataclass attribute, so it
+  is passed as is in process and pickled with the output by the MultiprocExecutor's queue):
+
+  * ``release``: slots freed since the last schedule (finish, abort, preemption, entry
+    eviction). The worker pushes their sub-pages back to the free stacks before the step's
+    forward, so before it packs anything.
+  * ``forks``: (cache slot, request slot): copy a prefix snapshot's rows into the empty rows of
+    a request that hit it, before the step's forward (after ``release``).
+  * ``snapshots``: (request slot, L, cache slot, cache tag): pack the first L tokens of that
+    request's first prefill chunk, this step, into the cache slot.
+
+* Worker -> scheduler: rows ``[S1, COLS]`` int32, row = slot, columns ``(n_done, pages_max,
   live, tag)``: tokens in the arena, the largest number of sub-pages the slot holds in any one
-  layer, the live (token, layer, KV head) entries it holds (the DMS live count summed over layers
-  and heads), and the owner tag the slot was last scheduled with (``encode_block_id``).
-  It is one of ``RING`` buffers: ``post`` (worker) enqueues a non-blocking copy of the device
-  feedback into the oldest buffer that is not being read and records a CUDA event; ``refresh``
-  (scheduler, start of each schedule) switches to the newest buffer whose copy has landed. So a
-  read never sees a half-landed copy, and a snapshot may lag one or two steps (possibly from
-  before the slot changed owner: the tag tells).
-* ``measured``: the ``[S1, 2]`` view ``feedback[:, :2]``; the scheduler trusts a row only if its
-  tag is the slot's current generation and ``0 <= n_done <= num_computed_tokens`` (a lagging
-  row; ``INVALID`` never qualifies). ``live`` feeds only the metrics.
-* ``forks``: (cache slot, request slot) pairs: copy the rows of a prefix snapshot into the empty
-  rows of a request that hit it, at the start of the worker's next step (after ``release``,
-  before any kernel of the step), so the snapshot stays shared.
-* ``overflow``: set by the worker when a kernel hit its capacity check (the ledger was violated).
+  layer (the fullest TP rank's), the live (token, layer, KV head) entries (summed over ranks),
+  and the owner tag the slot was last scheduled with (``encode_block_id``). They ride on the
+  ``ModelRunnerOutput`` (attribute ``FEEDBACK_ATTR``; only the output rank's reaches the
+  scheduler, so TP ranks combine theirs first). The worker copies the device rows into a
+  ``FeedbackRing`` after each forward and attaches the newest copy that has fully landed, so a
+  report may lag a step or two (async scheduling) and may predate a slot's change of owner: the
+  scheduler trusts a row only if its tag is the slot's current generation and
+  ``0 <= n_done <= num_computed_tokens`` (``INVALID`` never qualifies).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 INVALID = -1  # n_done of a row that belongs to no measured request
 COLS = 4      # n_done, pages_max, live, tag
 RING = 3      # feedback buffers: one read, one landing, one free
 TAG_GENERATIONS = 256  # owner tags cycle mod this; block id = slot + num_slots * tag
+ORDERS_ATTR = "dms_orders"      # on vLLM's SchedulerOutput
+FEEDBACK_ATTR = "dms_feedback"  # on vLLM's ModelRunnerOutput
 
 
 def encode_block_id(slot: int, tag: int, num_slots: int) -> int:
@@ -40,120 +46,113 @@ def encode_block_id(slot: int, tag: int, num_slots: int) -> int:
     return slot + num_slots * tag
 
 
-class DMSChannel:
-    def __init__(self) -> None:
-        self.release: list[int] = []
-        # (request slot, L, cache slot, cache tag): pack the first L tokens of that request's
-        # first prefill chunk, this step, into the cache slot (a prefix snapshot)
-        self.snapshots: list[tuple[int, int, int, int]] = []
-        self.forks: list[tuple[int, int]] = []  # (cache slot, request slot): copy the rows
-        self.overflow: bool = False
-        self._reset_buffers()
+@dataclasses.dataclass
+class StepOrders:
+    release: list[int] = dataclasses.field(default_factory=list)
+    forks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    snapshots: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
 
-    def _reset_buffers(self) -> None:
-        self._ring: list[Any] = []    # RING pinned [S1, COLS] int32 tensors
-        self._events: list[Any] = []  # CUDA event recorded after each buffer's latest copy
-        self._seq: list[int] = []     # post number of each buffer's latest copy (0: never)
-        self._posts = 0
-        self._cur = 0                 # the buffer the scheduler reads
-        self._feedback = self._measured = self._rows = None
+    def __bool__(self) -> bool:
+        return bool(self.release or self.forks or self.snapshots)
 
-    @property
-    def measured(self) -> Any:
-        """The [S1, 2] view of the buffer being read (n_done, pages_max); write it in place."""
-        return self._measured
+
+class SchedulerLink:
+    """The scheduler's half: orders not yet sent, and the newest rows the worker reported."""
+
+    def __init__(self, num_slots: int) -> None:
+        import torch  # lazy: keep the import of this module free of torch
+        self.orders = StepOrders()
+        self.feedback = torch.empty((num_slots, COLS), dtype=torch.int32)  # tests write rows
+        self.feedback[:, 0] = INVALID
+        self.feedback[:, 1:] = 0
+        self._rows = self.feedback.numpy()  # shares memory: reads without torch overhead
 
     @property
-    def feedback(self) -> Any:
-        """The [S1, COLS] buffer the scheduler reads now (tests write worker rows into it)."""
-        return self._feedback
+    def release(self) -> list[int]:
+        return self.orders.release
 
-    def ensure(self, num_slots: int) -> Any:
-        """Allocate the ring for num_slots (= max_num_seqs + 1) rows; idempotent.
+    @property
+    def forks(self) -> list[tuple[int, int]]:
+        return self.orders.forks
 
-        Returns the ``measured`` view.
-        """
-        if self._feedback is not None:
-            if self._feedback.shape[0] != num_slots:
-                # Someone may hold a reference to the old tensor; never swap it silently.
-                raise ValueError(f"DMS channel already sized for {self._feedback.shape[0]} slots, "
-                                 f"asked for {num_slots}")
-            return self._measured
-        import torch  # lazy: keep the import of this module free of torch / CUDA init
+    @property
+    def snapshots(self) -> list[tuple[int, int, int, int]]:
+        return self.orders.snapshots
+
+    def take_orders(self) -> StepOrders:
+        """Everything ordered since the last schedule, for the SchedulerOutput being returned."""
+        out, self.orders = self.orders, StepOrders()
+        return out
+
+    def absorb(self, rows: Any) -> None:
+        """A worker report ([S1, COLS] int32, from a ModelRunnerOutput) replaces the rows."""
+        if rows is None:
+            return
+        if tuple(rows.shape) != tuple(self._rows.shape):
+            raise ValueError(f"DMS worker reported {tuple(rows.shape)} rows, the scheduler has "
+                             f"{tuple(self._rows.shape)} (another engine's worker?)")
+        self._rows[:] = rows
+
+    def invalidate(self, slot: int) -> None:
+        """Forget the measurement of a slot (it changes owner)."""
+        self._rows[slot] = (INVALID, 0, 0, 0)
+
+    def read(self, slot: int) -> tuple[int, int]:
+        row = self._rows[slot]
+        return int(row[0]), int(row[1])
+
+    def read_row(self, slot: int) -> tuple[int, int, int, int]:
+        """(n_done, pages_max, live, tag) of a slot, all from the same worker copy."""
+        n_done, pages, live, tag = (int(x) for x in self._rows[slot])
+        return n_done, pages, live, tag
+
+    def read_live(self, slot: int) -> tuple[int, int]:
+        """(n_done, live) of a slot, both from the same worker copy."""
+        row = self._rows[slot]
+        return int(row[0]), int(row[2])
+
+
+class FeedbackRing:
+    """The worker's host copies of its device rows: ``RING`` buffers (pinned on CUDA), each
+    with the event recorded after its latest copy. ``post`` never writes the buffer last
+    handed out; ``latest`` hands out the newest buffer whose copy has landed (never blocks)."""
+
+    def __init__(self, num_slots: int) -> None:
+        import torch
         pin = torch.cuda.is_available()
+        self._ring = []
         for _ in range(RING):
             m = torch.empty((num_slots, COLS), dtype=torch.int32, pin_memory=pin)
             m[:, 0] = INVALID
             m[:, 1:] = 0
             self._ring.append(m)
-            self._events.append(None)
-            self._seq.append(0)
-        self._select(0)
-        return self._measured
+        self._events: list[Any] = [None] * RING  # None: a CPU copy, landed at once
+        self._seq = [0] * RING  # post number of each buffer's latest copy (0: never)
+        self._posts = 0
+        self._cur = 0       # the buffer last handed out
+        self._handed = 0    # its post number
 
-    def _select(self, i: int) -> None:
-        m = self._ring[i]
-        self._cur, self._feedback, self._measured, self._rows = i, m, m[:, :2], m.numpy()
-
-    def post(self, device_feedback: Any) -> None:
-        """Worker: copy the device feedback [S1, COLS] into the ring (non-blocking on CUDA).
-
-        Never inside CUDA-graph capture (the destination alternates); the caller checks.
-        """
+    def post(self, device_rows: Any) -> None:
+        """Copy the device rows [S1, COLS] into the ring (non-blocking on CUDA); never inside
+        CUDA-graph capture (the destination alternates); the caller checks."""
         import torch
         i = min((j for j in range(RING) if j != self._cur), key=lambda j: self._seq[j])
-        self._posts += 1
-        self._ring[i].copy_(device_feedback, non_blocking=True)
-        self._seq[i] = self._posts
-        if device_feedback.is_cuda:
-            ev = self._events[i] or torch.cuda.Event()
+        self._seq[i] = 0  # being rewritten: not a candidate until its event is recorded
+        self._ring[i].copy_(device_rows, non_blocking=True)
+        if device_rows.is_cuda:
+            ev = self._events[i] = torch.cuda.Event()
             ev.record()
-            self._events[i] = ev
+        self._posts += 1
+        self._seq[i] = self._posts
 
-    def refresh(self) -> None:
-        """Scheduler: read the newest buffer whose copy has fully landed (never blocks)."""
+    def latest(self) -> Any:
+        """A numpy copy of the newest landed rows, or None if nothing newer than last time."""
         best = self._cur
-        for j in range(len(self._ring)):
+        for j in range(RING):
             if self._seq[j] > self._seq[best] and (self._events[j] is None
                                                    or self._events[j].query()):
                 best = j
-        if best != self._cur:
-            self._select(best)
-
-    def invalidate(self, slot: int) -> None:
-        """Forget the measurement of a slot (it changes owner)."""
-        if self._rows is not None:
-            self._rows[slot] = (INVALID, 0, 0, 0)
-
-    def read_row(self, slot: int) -> tuple[int, int, int, int] | None:
-        """(n_done, pages_max, live, tag) of a slot, all from the same worker copy."""
-        if self._rows is None:
+        if self._seq[best] <= self._handed:
             return None
-        n_done, pages, live, tag = (int(x) for x in self._rows[slot])
-        return n_done, pages, live, tag
-
-    def take_release(self) -> list[int]:
-        """Worker side: drain the freed slots (in the order they were freed)."""
-        out, self.release = self.release, []
-        return out
-
-    def take_snapshots(self) -> list[tuple[int, int, int, int]]:
-        """Worker side: drain this step's prefix-snapshot orders."""
-        out, self.snapshots = self.snapshots, []
-        return out
-
-    def take_forks(self) -> list[tuple[int, int]]:
-        """Worker side: drain this step's fork orders."""
-        out, self.forks = self.forks, []
-        return out
-
-    def reset(self) -> None:
-        """Forget everything: a new engine in this process (DMSKVCacheManager), or a test."""
-        self.release = []
-        self.snapshots = []
-        self.forks = []
-        self.overflow = False
-        self._reset_buffers()
-
-
-CHANNEL = DMSChannel()
+        self._cur, self._handed = best, self._seq[best]
+        return self._ring[best].numpy().copy()  # the output may be read after later posts

@@ -42,12 +42,12 @@ def _demo_vllm(model_dir: str, max_tokens: int) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the arena in-process
     from vllm import LLM, SamplingParams
 
-    from vllm_dms.channel import CHANNEL
-    from vllm_dms.runtime import get_runtime
+    from vllm_dms.runtime import inprocess_engine
     llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, gpu_memory_utilization=0.3)
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=max_tokens))[0]
     print(out.outputs[0].text)
-    rt, slot = get_runtime(), CHANNEL.release[-1]
+    mgr, rt = inprocess_engine(llm)
+    slot = mgr.link.release[-1]
     from vllm_dms.kernels.arena_ops import arena_state
     ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     live = torch.stack([arena_state(ctx[n].kv_cache.view(-1), rt.layout).row_len[slot].cpu()

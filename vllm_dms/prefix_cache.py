@@ -17,7 +17,7 @@ of its first L tokens (L a multiple of SNAPSHOT_STRIDE) into spare slots, from t
 has reported its rows (written by the step that orders it); it is reserved at the dense bound
 for L tokens, only if that much is free, and shrunk to its measured size once reported. A hit
 on a snapshot is not taken but *forked*: the request gets a slot and blocks of its own and the
-worker copies the snapshot's rows into them before the step (``CHANNEL.forks``,
+worker copies the snapshot's rows into them before the step (``StepOrders.forks``,
 ``kernels/fork.py``), so every prompt that shares the prefix reuses it; the snapshot is pinned
 (not evictable) until that copy has run. Only when no other slot can be had is it taken.
 Design notes: benchmarks/PREFIX_CACHING_DESIGN.md.
@@ -31,7 +31,7 @@ from typing import Any
 
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dms.channel import CHANNEL, TAG_GENERATIONS
+from vllm_dms.channel import TAG_GENERATIONS
 
 KEY_TOKENS = 16  # entries are bucketed by their first tokens; a hit compares all L tokens
 SNAPSHOT_STRIDE = 512  # snapshot lengths are multiples of this many tokens
@@ -171,10 +171,10 @@ class PrefixEntries:
                 return
             slot = heapq.heappop(self._free_slots)
             gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
-            CHANNEL.invalidate(slot)
+            self.link.invalidate(slot)
             self.cache.put(Entry(slot, key, self.block_pool.get_new_blocks(need), None,
                                  ready=False, shared=True))
-            CHANNEL.snapshots.append((self._slot_of[request.request_id], L, slot, gen))
+            self.link.snapshots.append((self._slot_of[request.request_id], L, slot, gen))
 
     def refresh_entries(self) -> None:
         """Start of a schedule: last step's snapshots exist now; measured ones shrink."""

@@ -145,18 +145,14 @@ def engine_args(window_len: int, top_k: int = TOP_K, **engine_kw) -> dict:
 def arena_live(llm, n_tokens: int) -> torch.Tensor:
     """[L, H] live keys of the request the engine released last, n_tokens long (in-process
     engine only: the arena row is intact until the next step drains the release list)."""
-    from vllm_dms.channel import CHANNEL
     from vllm_dms.kernels.arena_ops import arena_state
-    from vllm_dms.runtime import get_runtime
-    rt = get_runtime()
-    if rt is None or not CHANNEL.release:
-        raise RuntimeError("no DMS runtime / released slot in this process (engine core in a "
-                           "subprocess? set VLLM_ENABLE_V1_MULTIPROCESSING=0)")
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker \
-        .model_runner
-    ctx = runner.vllm_config.compilation_config.static_forward_context
+    from vllm_dms.runtime import inprocess_engine
+    mgr, rt = inprocess_engine(llm)
+    if not mgr.link.release:
+        raise RuntimeError("no released slot: no request finished since the last step")
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     by_index = sorted(rt.layer_index, key=rt.layer_index.get)
-    slot = CHANNEL.release[-1]
+    slot = mgr.link.release[-1]
     live = torch.stack([arena_state(ctx[n].kv_cache.view(-1), rt.layout).row_len[slot].cpu()
                         for n in by_index])
     # the newest key is always live: a count outside [1, n] means the row was already drained

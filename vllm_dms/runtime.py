@@ -1,10 +1,13 @@
-"""Worker-side DMS runtime: one per worker process, shared by every DMS attention layer.
+"""Worker-side DMS runtime: one per worker (engine and TP rank), shared by its DMS layers.
 
 It owns what is not per layer: the arena layout, the per-(layer, slot) sub-page counters, the
 per-slot token and live-KV counters, the overflow flag, the split-K workspace, and the feedback
-copy that tells the scheduler (same process at TP=1, see ``vllm_dms.channel``) how much each
-request holds.
+rows that tell the scheduler how much each request holds (``vllm_dms.channel``).
 Per-layer state lives inside each layer's KV tensor (``vllm_dms.arena``).
+
+``WorkerLink`` is the worker's half of the step messages, anchored on the engine's DMS attention
+layers (so two engines in one process never share one): the orders that arrive on each
+SchedulerOutput and the runtime that carries them out (``vllm_dms.patches.worker``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import weakref
 import torch
 
 from vllm_dms.arena import ArenaLayout
+from vllm_dms.channel import COLS, FeedbackRing, StepOrders
 from vllm_dms.config import DMSConfig
 
 DECODE_SPLITS = 16  # most split-K programs per (request, kv head): the workspace's size
@@ -20,9 +24,11 @@ DECODE_SPLITS = 16  # most split-K programs per (request, kv head): the workspac
 
 class DMSRuntime:
     def __init__(self, dms: DMSConfig, layout: ArenaLayout, layer_names: list[str],
-                 num_q_heads: int, device: torch.device, max_rows: int | None = None):
+                 num_q_heads: int, device: torch.device, max_rows: int | None = None,
+                 tp_group=None):
         self.dms, self.layout, self.device = dms, layout, device
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        self.tp_group = tp_group  # vLLM's TP GroupCoordinator when tp > 1: rows are combined
         S1, L = layout.num_slots, layout.num_layers
         i32 = dict(dtype=torch.int32, device=device)
         self.layer_pages = torch.zeros(L, S1, **i32)    # sub-pages held per (layer, slot)
@@ -30,7 +36,8 @@ class DMSRuntime:
         self.slot_live = torch.zeros(S1, **i32)         # live rows' tokens per slot (all layers)
         self.slot_tag = torch.zeros(S1, **i32)          # owner tag each slot was last scheduled with
         self.overflow = torch.zeros(1, **i32)           # set by kernels instead of writing OOB
-        self.feedback = torch.zeros(S1, 4, **i32)       # (n_done, pages_max, live, tag) for the host
+        self.feedback = torch.zeros(S1, COLS, **i32)    # (n_done, pages_max, live, tag), staged
+        self.ring = FeedbackRing(S1)                    # its host copies, for the scheduler
         self.overflow_host = torch.zeros(1, dtype=torch.int32,
                                          pin_memory=torch.cuda.is_available())
         from vllm_dms.kernels.decode import decode_workspace
@@ -43,6 +50,9 @@ class DMSRuntime:
         for kv in kv_layers:
             arena_init(kv, self.layout)
         self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never pin a dead engine
+
+    def kv_layers(self) -> list[torch.Tensor]:
+        return [r() for r in self._kv_refs]
 
     def serves(self, kv_layers: list[torch.Tensor]) -> bool:
         """True iff this runtime initialised exactly these KV tensors (i.e. the same engine)."""
@@ -95,45 +105,113 @@ class DMSRuntime:
     def publish(self) -> None:
         """Stage (n_done, pages_max, live, tag) per slot on the device (last layer of a step).
 
-        Inside a captured decode graph only the device half runs; the copy to the host is
-        posted by the next step's metadata build (``post``), outside the graph.
+        Device work only, so a captured decode graph replays it; the host copy is posted after
+        the forward (``post``), outside any graph.
         """
         self.feedback[:, 0].copy_(self.slot_ntok)
         self.feedback[:, 1].copy_(self.layer_pages.amax(dim=0))
         self.feedback[:, 2].copy_(self.slot_live)
         self.feedback[:, 3].copy_(self.slot_tag)  # lets the scheduler drop a previous owner's row
-        if not capturing():
-            self.post()  # eager step (prefill, mixed): measured by the very next schedule
 
     def post(self) -> None:
-        """Enqueue the host copies of the feedback and the overflow flag (never in a graph)."""
-        from vllm_dms.channel import CHANNEL
-        CHANNEL.ensure(self.layout.num_slots)
-        CHANNEL.post(self.feedback)
-        self.overflow_host.copy_(self.overflow, non_blocking=True)
+        """Enqueue the host copies of the staged rows and the overflow flag (never in a graph).
+
+        With TP every rank calls it after the same step: the rows are gathered, the fullest
+        rank's pages and the sum of the live counts (each rank holds its own KV heads) kept.
+        """
+        rows, overflow = self.feedback, self.overflow
+        if self.tp_group is not None:
+            rows, overflow = combine_ranks(self.tp_group.all_gather(
+                torch.cat([rows, overflow.expand(1, COLS)]), dim=0), self.tp_group.world_size)
+        self.ring.post(rows)
+        self.overflow_host.copy_(overflow, non_blocking=True)
 
     def check_overflow(self) -> None:
         """Called before each step: sees the last copy that has landed (one step later if async)."""
         if int(self.overflow_host[0]):
-            from vllm_dms.channel import CHANNEL
-            CHANNEL.overflow = True
             raise RuntimeError("dms_fp8: a kernel found the arena free stack short of what the "
                                "scheduler's reservation promised (ledger violated); refusing to "
                                "continue rather than corrupt other requests' KV")
 
 
-def capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def combine_ranks(gathered: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tp * (S1 + 1), COLS] (each rank's rows, then its overflow flag) -> (rows, overflow)."""
+    g = gathered.view(tp, -1, COLS)
+    rows = g[0, :-1].clone()  # n_done and tag are the same on every rank
+    rows[:, 1] = g[:, :-1, 1].amax(dim=0)  # the reservation must cover the fullest rank
+    rows[:, 2] = g[:, :-1, 2].sum(dim=0)   # live entries of all KV heads
+    return rows, g[:, -1, :1].amax(dim=0)
 
 
-_RUNTIME: DMSRuntime | None = None
+LINK_ATTR = "dms_link"  # attribute of each DMS attention layer of an engine: its WorkerLink
 
 
-def get_runtime() -> DMSRuntime | None:
-    return _RUNTIME
+class WorkerLink:
+    """One worker's half of the step messages (``vllm_dms.channel``)."""
+
+    def __init__(self) -> None:
+        self.runtime: DMSRuntime | None = None  # made by the first metadata build
+        self.snapshots: list[tuple[int, int, int, int]] = []  # for the next build
+
+    def receive(self, orders: StepOrders | None) -> None:
+        """Before the step's forward: release and fork now, queue snapshots for the build."""
+        if not orders:
+            return
+        rt = self.runtime
+        if rt is None:  # nothing was ever packed: no row to release, no snapshot to fork
+            assert not orders.forks, "DMS fork ordered before the worker built any step"
+        else:
+            if orders.release:
+                rt.release(rt.kv_layers(), orders.release)
+            if orders.forks:
+                rt.fork(rt.kv_layers(), orders.forks)
+        self.snapshots += orders.snapshots
+
+    def take_snapshots(self) -> list[tuple[int, int, int, int]]:
+        out, self.snapshots = self.snapshots, []
+        return out
+
+    def after_forward(self) -> None:
+        if self.runtime is not None:
+            self.runtime.post()
+
+    def report(self):
+        """The newest landed rows not reported yet ([S1, COLS] numpy), or None."""
+        return None if self.runtime is None else self.runtime.ring.latest()
 
 
-def set_runtime(rt: DMSRuntime) -> DMSRuntime:
-    global _RUNTIME
-    _RUNTIME = rt
-    return rt
+def dms_layer_names(ctx: dict) -> list[str]:
+    """The dms_fp8 attention layers of an engine's static forward context."""
+    return [n for n, layer in ctx.items() if getattr(layer, "kv_cache_dtype", None) == "dms_fp8"]
+
+
+def worker_link(ctx: dict, layer_names: list[str]) -> WorkerLink:
+    """The engine's WorkerLink, found on (or else put on) every one of its DMS layers."""
+    layers = [ctx[n] for n in layer_names]
+    link = next((getattr(x, LINK_ATTR) for x in layers if hasattr(x, LINK_ATTR)), None)
+    link = link or WorkerLink()
+    for x in layers:
+        setattr(x, LINK_ATTR, link)
+    return link
+
+
+def engine_runtime(vllm_config) -> DMSRuntime | None:
+    """The runtime of the worker that built ``vllm_config``'s model (tools, tests)."""
+    ctx = vllm_config.compilation_config.static_forward_context
+    names = dms_layer_names(ctx)
+    return worker_link(ctx, names).runtime if names else None
+
+
+def inprocess_engine(llm) -> tuple:
+    """(DMSKVCacheManager, DMSRuntime) of a ``vllm.LLM`` whose engine core and worker run in
+    this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1 uni executor); tools and tests.
+    ``manager.link.release`` lists the slots freed since the last step: their rows stay in
+    the arena until the next step delivers the release."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    rt = engine_runtime(llm.llm_engine.vllm_config)
+    if core is None or rt is None:
+        raise RuntimeError("no in-process DMS engine (engine core in a subprocess? set "
+                           "VLLM_ENABLE_V1_MULTIPROCESSING=0; worker in another process? use "
+                           "the uni executor)")
+    return core.scheduler.dms, rt
+

@@ -13,20 +13,21 @@ The design is in ``vllm_dms.arena`` (module docstring). Scheduler-side contract:
   ``layout.reservation_blocks(n, measured)``: grown from the pool (``None`` when it does not
   fit, so vLLM preempts or blocks the queue exactly as for dense KV) or shrunk (surplus goes back).
 * ``free`` (finish, abort, preemption) returns the hidden blocks and the slot, and queues the slot
-  on ``CHANNEL.release`` for the worker; with ``--enable-prefix-caching`` a normally finished
+  on ``link.release`` for the workers; with ``--enable-prefix-caching`` a normally finished
   request's slot and blocks become a prefix entry instead (``vllm_dms.prefix_cache``), and
   entries (also prefix snapshots) are evicted least recently used when blocks or slots run out.
 
 Sync or async scheduling (``DMSScheduler`` / ``DMSAsyncScheduler``): the reservation reads the
-worker's latest landed measurement of this owner (``CHANNEL``), which may lag by a step or two;
-``reservation_blocks`` adds the growth since then (``_measured``).
+worker's latest landed measurement of this owner (``link``, filled from each ModelRunnerOutput:
+``vllm_dms.channel``), which may lag by a step or two; ``reservation_blocks`` adds the growth
+since then (``_measured``).
 
 Release ordering under async scheduling (vLLM's batch queue, ``EngineCore.step_with_batch_queue``:
 schedule N+1, enqueue N+1, then update_from_output(N)): a slot freed during schedule (preemption),
-an abort, or update_from_output(N) goes to the free heap and ``CHANNEL.release`` at once, so only a
-later ``allocate_slots`` can hand it out, and the worker drains ``release`` in build() of the next
-step it executes, i.e. in the same thread before that step's packs, and on the same CUDA stream
-after every already-enqueued step, including N+1 which may still write the old owner's row (a
+an abort, or update_from_output(N) goes to the free heap and ``link.release`` at once, so only a
+later ``allocate_slots`` can hand it out; the release travels on the SchedulerOutput of the next
+schedule (the one that may hand the slot out again) and the worker applies it before that step's
+forward, i.e. before its packs, and on the same CUDA stream after every already-enqueued step, including N+1 which may still write the old owner's row (a
 request that finished in N is often scheduled once more in N+1). Its ledger blocks go back to the
 pool at the same time and are only popped on the GPU by steps enqueued after that release.
 
@@ -54,7 +55,8 @@ from vllm.v1.kv_cache_interface import KVCacheConfig
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.channel import CHANNEL, TAG_GENERATIONS, encode_block_id
+from vllm_dms.channel import (FEEDBACK_ATTR, ORDERS_ATTR, TAG_GENERATIONS, SchedulerLink,
+                              encode_block_id)
 from vllm_dms.config import DMSConfigError
 from vllm_dms.prefix_cache import SNAPSHOT_STRIDE, Entry, PrefixEntries, PrefixStore
 from vllm_dms.spec import DMSCompactSpec
@@ -83,7 +85,7 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
     """KVCacheManager whose blocks are a reservation ledger and whose block ids are slots."""
 
     def __init__(self, kv_cache_config: KVCacheConfig, *, max_num_seqs: int,
-                 enable_prefix_caching: bool = False, **kwargs: Any):
+                 enable_prefix_caching: bool = False, tp_size: int = 1, **kwargs: Any):
         kwargs["enable_caching"] = False  # no block sharing: entries are whole rows (prefix_cache)
         super().__init__(kv_cache_config, **kwargs)
         spec = dms_spec_of(kv_cache_config)
@@ -101,6 +103,7 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
             num_blocks=kv_cache_config.num_blocks, elem_bytes=spec.dms_elem_bytes)
         self.layout.validate()
         assert self.layout.page_bytes == spec.page_size_bytes, (self.layout, spec)
+        self.tp_size = tp_size  # the spec (and a block) is one rank's: KV heads / tp
 
         # The state region, for good. A fresh pool hands out ids in order after the null block 0.
         first = self.layout.first_data_block
@@ -142,10 +145,9 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         self._pending: dict[str, Entry] = {}        # get_computed_blocks' hit, until allocated
         self._hint: dict[str, tuple[int, int]] = {}  # a taken entry's measurement, until ours
         self.snapshot_stride = SNAPSHOT_STRIDE
-        # A new engine in this process takes the channel over: slots queued or measured by an
-        # earlier engine refer to that engine's arena (and its max_num_seqs).
-        CHANNEL.reset()
-        CHANNEL.ensure(self.layout.num_slots)
+        # This engine's half of the step messages (vllm_dms.channel): orders for its workers,
+        # the rows they reported. Nothing is shared with another engine in this process.
+        self.link = SchedulerLink(self.layout.num_slots)
 
     # ------------------------------------------------------------------ admission
     def refusal(self, request: Request) -> str | None:
@@ -169,8 +171,8 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
 
     def _row(self, slot: int) -> tuple[int, int, int, int] | None:
         """The slot's landed row if it was written for its current owner (tag == generation)."""
-        row = CHANNEL.read_row(slot)
-        if row is None or row[0] < 0 or row[3] != self._gen[slot]:
+        row = self.link.read_row(slot)
+        if row[0] < 0 or row[3] != self._gen[slot]:
             return None
         return row
 
@@ -239,13 +241,13 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
                 self._hint[rid] = entry.measured  # the rows' size until the slot reports
             if fork:  # the worker copies the rows before this step's kernels
                 entry.pinned = True
-                CHANNEL.forks.append((entry.slot, slot))
+                self.link.forks.append((entry.slot, slot))
         if new:
             self._slot_of[rid] = slot
             gen = self._gen[slot] = (self._gen[slot] + 1) % TAG_GENERATIONS
             self._blocks_of[rid] = KVCacheBlocks(((KVCacheBlock(
                 encode_block_id(slot, gen, self.layout.num_slots)),),))
-            CHANNEL.invalidate(slot)
+            self.link.invalidate(slot)
         if grow > 0:
             held.extend(self.block_pool.get_new_blocks(grow))
         elif grow < 0:
@@ -283,8 +285,8 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
 
     def _release_slot(self, slot: int) -> None:
         heapq.heappush(self._free_slots, slot)
-        CHANNEL.invalidate(slot)
-        CHANNEL.release.append(slot)
+        self.link.invalidate(slot)
+        self.link.release.append(slot)
 
     def pop_blocks_for_free(self, request: Request) -> list[KVCacheBlock]:
         raise NotImplementedError("DMS arena: deferred frees (KV connectors) are not supported")
@@ -353,11 +355,13 @@ class DMSKVCacheManager(PrefixEntries, KVCacheManager):
         """The DMS Prometheus gauges (``vllm_dms.metrics``), from the worker's last report.
 
         KV tokens count (token, layer, KV head) entries of the running requests; dense is what
-        a full cache would hold (tokens * layers * heads). Arena bytes follow the ledger, like
-        ``usage``: in use = state region + reserved blocks, free = the pool's free blocks.
+        a full cache would hold (tokens * layers * heads, all TP ranks). Arena bytes follow the
+        ledger, like ``usage``: in use = state region + reserved blocks, free = the pool's free
+        blocks (a block is one per rank).
         """
         lay = self.layout
-        rows, block_bytes = lay.num_layers * lay.num_kv_heads, lay.page_bytes * lay.num_layers
+        rows = lay.num_layers * lay.num_kv_heads * self.tp_size  # live counts sum all ranks
+        block_bytes = lay.page_bytes * lay.num_layers * self.tp_size  # a block on every rank
         dense = live = 0
         for slot in self._slot_of.values():
             row = self._row(slot)
@@ -405,7 +409,8 @@ class DMSSchedulerMixin:
             enable_kv_cache_events=self.enable_kv_cache_events,
             dcp_world_size=self.dcp_world_size, pcp_world_size=1,
             metrics_collector=self.kv_metrics_collector, watermark=self.scheduler_config.watermark,
-            enable_prefix_caching=bool(self.cache_config.enable_prefix_caching))
+            enable_prefix_caching=bool(self.cache_config.enable_prefix_caching),
+            tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         self.kv_cache_manager = self.dms
 
     def _refusal(self, request: Request) -> str | None:
@@ -429,12 +434,18 @@ class DMSSchedulerMixin:
             self._dms_refused.append(request)
 
     def schedule(self, *args: Any, **kwargs: Any):
-        if self.dms is not None:
-            CHANNEL.refresh()  # newest fully landed worker feedback; one snapshot per step
-            self.dms.refresh_entries()
-        return super().schedule(*args, **kwargs)
+        if self.dms is None:
+            return super().schedule(*args, **kwargs)
+        self.dms.refresh_entries()
+        out = super().schedule(*args, **kwargs)
+        # Everything freed, forked or snapshotted since the last schedule (this one's
+        # preemptions included) travels to the workers with this step (vllm_dms.channel).
+        setattr(out, ORDERS_ATTR, self.dms.link.take_orders())
+        return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        if self.dms is not None:  # first: frees below (prefix entries) keep the newest rows
+            self.dms.link.absorb(getattr(model_runner_output, FEEDBACK_ATTR, None))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req in self._dms_refused:
             eco = outputs.get(req.client_index)
@@ -453,7 +464,6 @@ class DMSSchedulerMixin:
     def make_stats(self, *args: Any, **kwargs: Any):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None and self.dms is not None and self._dms_metrics:
-            CHANNEL.refresh()  # the step just finished: its posted feedback has usually landed
             # kv_connector_stats is None here (DMS refuses KV connectors) and survives msgpack.
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}),
                                         STATS_KEY: self.dms.gauges()}

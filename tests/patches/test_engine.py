@@ -38,8 +38,11 @@ SCENARIOS = {
     "chunked_prefill": dict(model=NV, enable_chunked_prefill=True, max_num_batched_tokens=512,
                             **DMS),
     "async": dict(model=NV, async_scheduling=True, **DMS),
-    "tp2": dict(model=NV, tensor_parallel_size=2, **DMS),
+    "tp2": dict(model=NV, tensor_parallel_size=2, **DMS),  # served: one KV head per rank
+    "tp3": dict(model=NV, tensor_parallel_size=3, **DMS),  # 3 does not divide 2 KV heads
     "pp2": dict(model=NV, pipeline_parallel_size=2, **DMS),
+    "ray": dict(model=NV, distributed_executor_backend="ray", **DMS),
+    "mp": dict(model=NV, distributed_executor_backend="mp", **DMS),
     "dp2": dict(model=NV, data_parallel_size=2, **DMS),
     "spec": dict(model=NV, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                "prompt_lookup_max": 3}, **DMS),
@@ -137,6 +140,7 @@ if with_cli:  # the `vllm serve` parser's defaults must read as "not requested"
     out["cli_prefix"] = attempt(lambda: cli("--enable-prefix-caching"))
     out["cli_no_prefix"] = attempt(lambda: cli("--no-enable-prefix-caching"))
     out["cli_tp2"] = attempt(lambda: cli("--tensor-parallel-size", "2"))
+    out["cli_tp3"] = attempt(lambda: cli("--tensor-parallel-size", "3"))
     out["cli_async"] = attempt(lambda: cli("--async-scheduling"))
     out["cli_fp16"] = attempt(lambda: cli("--dtype", "float16"))
     out["cli_lora"] = attempt(lambda: cli("--enable-lora"))
@@ -235,8 +239,9 @@ def test_explicitly_off_is_accepted(runs):
 
 
 @pytest.mark.parametrize("name, flag", [
-    ("tp2", "--tensor-parallel-size"),
+    ("tp3", "--tensor-parallel-size"),
     ("pp2", "--pipeline-parallel-size"),
+    ("ray", "--distributed-executor-backend"),
     ("dp2", "--data-parallel-size"),
     ("spec", "--speculative-config"),
     ("spec_method", "--spec-method"),
@@ -246,7 +251,7 @@ def test_explicitly_off_is_accepted(runs):
     ("kv_transfer", "--kv-transfer-config"),
     ("scheduler_cls", "--scheduler-cls"),
     ("small_budget", "--max-num-batched-tokens"),
-    ("cli_tp2", "--tensor-parallel-size"),
+    ("cli_tp3", "--tensor-parallel-size"),
     ("fp16", "--dtype"),
     ("lora", "--enable-lora"),
     ("calc_scales", "--calculate-kv-scales"),
@@ -258,6 +263,12 @@ def test_explicit_unsupported_flag_rejected(runs, name, flag):
     res = runs[0][name]
     assert res.get("error") == "DMSConfigError", res
     assert res["msg"].startswith(flag) and "dms_fp8" in res["msg"]
+
+
+@pytest.mark.parametrize("name", ["tp2", "cli_tp2", "mp"])
+def test_tensor_parallelism_and_the_mp_executor_are_accepted(runs, name):
+    c = ok(runs[0][name])  # rank-local KV heads (vllm_dms.tp); tests/test_cpu_executors.py
+    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS")
 
 
 @pytest.mark.parametrize("name", ["async", "cli_async"])

@@ -1,10 +1,11 @@
-"""Process-global DMS state across engines and engine-side failures (C.4 rows 5, 24, 25).
+"""Several DMS engines in one process and engine-side failures (C.4 rows 5, 24, 25).
 
 With VLLM_ENABLE_V1_MULTIPROCESSING=0 (or TP=1 UniProc) the scheduler and the worker of an
-engine live in the caller's process, so a second engine in the same process meets whatever the
-first left in ``vllm_dms.channel.CHANNEL`` and ``vllm_dms.runtime._RUNTIME``. Row 5: both must
-be correct, no shared arena. CPU only: real DMSScheduler / DMSMetadataBuilder objects, arena
-kernels in Triton's interpreter.
+engine live in the caller's process, so a second engine in the same process must start clean:
+no state is process-wide (each scheduler has its ``link``, each worker its ``WorkerLink`` on its
+own layers). Row 5: both correct, no shared arena. CPU only: real DMSScheduler /
+DMSMetadataBuilder objects, arena kernels in Triton's interpreter. The same through ``vllm.LLM``:
+tests/test_cpu_executors.py.
 """
 import os
 import types
@@ -15,8 +16,6 @@ from test_scheduler import (SimWorker, dms, dms_live_8x, dms_spec, drive,  # noq
 import pytest
 import torch
 from vllm.v1.request import RequestStatus
-
-from vllm_dms.channel import CHANNEL
 
 NV = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "ckpt_nvidia_qwen3")
 H, D, P, L = 2, 32, 16, 2  # the nvidia fixture: 2 layers, 2 KV heads of 32
@@ -31,22 +30,20 @@ def _engine_scheduler(sched_mod, spec_mod, seqs, blocks, max_len=256):
 
 def test_r5_second_dms_scheduler_in_process_starts_clean(dms):
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     s1 = _engine_scheduler(sched_mod, spec_mod, seqs=4, blocks=120)
     s1.add_request(make_request("a", 40, 3))
     worker = SimWorker(s1.dms, dms_live_8x(32))
     out = s1.schedule()
     s1.update_from_output(out, worker.step(s1, out))
     s1.finish_requests("a", RequestStatus.FINISHED_ABORTED)
-    assert CHANNEL.release, "engine 1 stopped with a freed slot not yet drained by its worker"
+    assert s1.dms.link.release, "engine 1 stopped with a freed slot not yet sent to its worker"
     # engine 2 in the same process, other max_num_seqs: must start, with nothing of engine 1's
     s2 = _engine_scheduler(sched_mod, spec_mod, seqs=8, blocks=200)
-    assert CHANNEL.release == []
-    assert tuple(CHANNEL.measured.shape) == (9, 2)
+    assert s2.dms.link.release == [] and tuple(s2.dms.link.feedback.shape) == (9, 4)
     s2.add_request(make_request("b", 40, 4))
     drive(s2, SimWorker(s2.dms, dms_live_8x(32)).step, 50)
     assert s2.dms.num_held == 0 and s2.dms.block_pool.get_num_free_blocks() == s2.dms.num_usable
-    CHANNEL.reset()
+    assert s1.dms.link.release, "engine 2 never takes engine 1's orders"
 
 
 def _builder(spec_mod, seqs, num_blocks, max_len):
@@ -89,7 +86,6 @@ def test_r24_kernel_overflow_stops_the_step_loudly():
     from vllm_dms.arena import ArenaLayout
     from vllm_dms.config import DMSConfig
     from vllm_dms.runtime import DMSRuntime
-    CHANNEL.reset()
     dmsc = DMSConfig(arch="llama", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=32,
                      window=4, alpha_scale=100.0, alpha_offset=5.0, decision_shift=1,
                      target_cr=None, source="test")
@@ -98,17 +94,15 @@ def test_r24_kernel_overflow_stops_the_step_loudly():
     rt = DMSRuntime(dmsc, lay, ["l0"], 4, torch.device("cpu"))
     rt.check_overflow()  # clean: no error
     rt.overflow[0] = 1
-    rt.publish()  # the end-of-step copy the next step reads
+    rt.publish()
+    rt.post()  # the end-of-step copy the next step reads
     with pytest.raises(RuntimeError, match="ledger violated"):
         rt.check_overflow()
-    assert CHANNEL.overflow is True
-    CHANNEL.reset()
 
 
 # ------------------------------------------------------------------------------ row 25
 def test_r25_reset_prefix_cache_only_when_idle(dms):
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     s = _engine_scheduler(sched_mod, spec_mod, seqs=4, blocks=120)
     idle_free = s.dms.block_pool.get_num_free_blocks()
     assert s.reset_prefix_cache() is True  # idle: nothing cached, nothing held
@@ -121,4 +115,3 @@ def test_r25_reset_prefix_cache_only_when_idle(dms):
     assert s.dms.num_held == 0 and s.dms.block_pool.get_num_free_blocks() == idle_free
     drive(s, worker.step, 100)  # the preempted request recomputes and finishes
     assert s.dms.block_pool.get_num_free_blocks() == idle_free and not s.dms._slot_of
-    CHANNEL.reset()

@@ -13,7 +13,6 @@ import pytest
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 
-from vllm_dms.channel import CHANNEL
 from vllm_dms.config import DMSConfigError
 
 L, SEQS, MAX_LEN, P = 16, 64, 8192, 16
@@ -44,7 +43,6 @@ def test_r9_vllm_check_uses_compact_accounting(dms, llama_dir):
 
 def test_r9_state_region_alone_too_big(dms, llama_dir):
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     vc = make_vllm_config(llama_dir, max_num_seqs=SEQS, max_num_batched_tokens=MAX_LEN,
                           max_model_len=MAX_LEN)
     with pytest.raises(ValueError) as e:
@@ -58,7 +56,6 @@ def test_r9_vllm_sized_but_state_region_short_fails_at_startup(dms, llama_dir):
     """vLLM's check passes at exactly one max-length request's pages; the DMS state region makes
     it short. Startup must refuse, and the max_model_len it proposes must start."""
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     spec = dms_spec(spec_mod, block_size=P, max_num_seqs=SEQS)
     budget = cdiv(MAX_LEN, P) * spec.page_size_bytes * L
     vc, spec, blocks = _sized(spec_mod, llama_dir, budget)  # vLLM accepts this
@@ -75,13 +72,11 @@ def test_r9_vllm_sized_but_state_region_short_fails_at_startup(dms, llama_dir):
                            max_model_len=best, block_size=P)
     s = make_scheduler(sched_mod.DMSScheduler, vc2, spec, L, blocks)  # the advice works
     assert s.dms.refusal(make_request("r", best - 1, 1)) is None
-    CHANNEL.reset()
 
 
 def test_r12_after_startup_no_request_within_max_model_len_is_refused(dms, llama_dir):
     """Sizing and admission share one formula: anything that started serves every length."""
     spec_mod, sched_mod = dms
-    CHANNEL.reset()
     probe = dms_spec(spec_mod, block_size=P, max_num_seqs=SEQS)
     rng = random.Random(12)
     for extra in (0, 1, 7, 40):  # blocks on top of the smallest arena that starts
@@ -98,4 +93,3 @@ def test_r12_after_startup_no_request_within_max_model_len_is_refused(dms, llama
             req = make_request(f"q{i}", prompt, rng.randint(1, MAX_LEN - prompt))
             assert s.dms.refusal(req) is None, (prompt, req.max_tokens, blocks + extra)
         assert s.dms.refusal(make_request("max", MAX_LEN - 1, 1)) is None
-        CHANNEL.reset()

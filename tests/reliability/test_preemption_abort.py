@@ -3,7 +3,7 @@
 tests/test_admission_events.py already drives 10,000 random events (random preemptions and
 aborts, slot/ledger invariants every step, ledger back to its start). These add what a random
 walk cannot pin down: a deterministic tiny arena where growth MUST preempt, the victim's slot on
-CHANNEL.release in that very step, its blocks back in the pool, vLLM's preemption counter
+the releases of that very step's SchedulerOutput, its blocks back in the pool, vLLM's preemption counter
 (IterationStats.num_preempted_reqs -> vllm:num_preemptions) moving, and recomputed outputs
 equal to an unpreempted run; and one abort per stage returning exactly to the idle baseline.
 """
@@ -14,7 +14,7 @@ from vllm.v1.metrics.stats import IterationStats, LoRARequestStates, RequestStat
 from vllm.v1.request import RequestStatus
 
 from vllm_dms.arena import ArenaLayout
-from vllm_dms.channel import CHANNEL
+from vllm_dms.channel import ORDERS_ATTR
 
 L, H, D, P, W, SEQS, MAX_LEN = 2, 2, 16, 16, 32, 4, 256
 
@@ -40,7 +40,6 @@ class DetWorker(SimWorker):
 
 def arena(sched_mod, spec_mod, llama_dir, usable: int):
     """A DMS scheduler whose pool has exactly `usable` data blocks after the state region."""
-    CHANNEL.reset()
     lay = ArenaLayout(num_layers=L, num_kv_heads=H, head_dim=D, block_size=P, window=W,
                       max_num_seqs=SEQS, max_model_len=MAX_LEN, num_blocks=usable + 1)
     for _ in range(10):
@@ -90,11 +89,12 @@ def test_r14_growth_preempts_victim_slot_released_and_counted(dms, llama_dir):
 
     real_schedule = s.schedule
 
-    def schedule():  # look at CHANNEL.release right after the scheduler preempted
+    def schedule():  # look at the releases sent with the step in which the scheduler preempted
         slots = dict(mgr._slot_of)
         out = real_schedule()
+        sent = getattr(out, ORDERS_ATTR).release
         for rid in out.preempted_req_ids:
-            assert slots[rid] in CHANNEL.release, (rid, slots[rid], CHANNEL.release)
+            assert slots[rid] in sent, (rid, slots[rid], sent)
         return out
     s.schedule = schedule
     got, stats = run(s, REQS, on_step)
@@ -102,8 +102,7 @@ def test_r14_growth_preempts_victim_slot_released_and_counted(dms, llama_dir):
     assert stats.num_preempted_reqs == len(seen) >= 1  # what vllm:num_preemptions adds up
     assert {rid: len(t) for rid, t in got.items()} == {"a": 180, "b": 180}
     assert mgr.block_pool.get_num_free_blocks() == idle and mgr.num_held == 0
-    assert not mgr._slot_of and not CHANNEL.release  # the last step's worker drained it
-    CHANNEL.reset()
+    assert not mgr._slot_of and not mgr.link.release  # the last step sent it
 
 
 def test_r14_recomputed_outputs_equal_unpreempted_run(dms, llama_dir):
@@ -112,7 +111,6 @@ def test_r14_recomputed_outputs_equal_unpreempted_run(dms, llama_dir):
     roomy, stats = run(arena(sched_mod, spec_mod, llama_dir, usable=64), REQS)
     assert stats.num_preempted_reqs == 0
     assert tiny == roomy
-    CHANNEL.reset()
 
 
 def test_r15_abort_at_each_stage_returns_to_idle_baseline(dms, llama_dir):
@@ -137,12 +135,12 @@ def test_r15_abort_at_each_stage_returns_to_idle_baseline(dms, llama_dir):
     step()
     step()
     assert s.requests["wait"].status == RequestStatus.WAITING
-    before = list(CHANNEL.release)
+    before = list(mgr.link.release)
     s.finish_requests("wait", RequestStatus.FINISHED_ABORTED)  # never had a slot
-    assert CHANNEL.release == before
+    assert mgr.link.release == before
     slot = mgr.slot_of("dec")
     s.finish_requests("dec", RequestStatus.FINISHED_ABORTED)  # mid-decode
-    assert CHANNEL.release == before + [slot] and mgr.held_blocks("dec") == 0
+    assert mgr.link.release == before + [slot] and mgr.held_blocks("dec") == 0
     s.add_request(make_request("late", 100, 10))
     out = step(abort_in_flight=["late"])  # abort during its prefill step
     assert "late" in out.num_scheduled_tokens
@@ -152,7 +150,6 @@ def test_r15_abort_at_each_stage_returns_to_idle_baseline(dms, llama_dir):
     while s.has_requests():
         step()
     assert got["keep"] == solo["keep"]  # the concurrent request is unaffected
-    assert mgr.num_held == 0 and not mgr._slot_of and not CHANNEL.release
+    assert mgr.num_held == 0 and not mgr._slot_of and not mgr.link.release
     assert mgr.block_pool.get_num_free_blocks() == idle
     assert len(worker.released) == 5  # dec, late (its reused slot), x, y, keep: once each
-    CHANNEL.reset()

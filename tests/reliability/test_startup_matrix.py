@@ -96,7 +96,7 @@ def scenarios(tmp):
 
 # row 7: name -> (flag the message must start with, EngineArgs kwargs)
 FLAGS = {
-    "tp": ("--tensor-parallel-size", dict(tensor_parallel_size=2)),
+    "tp": ("--tensor-parallel-size", dict(tensor_parallel_size=3)),  # must divide the KV heads
     "pp": ("--pipeline-parallel-size", dict(pipeline_parallel_size=2)),
     "dp": ("--data-parallel-size", dict(data_parallel_size=2)),
     "dcp": ("--decode-context-parallel-size", dict(decode_context_parallel_size=2)),

@@ -1,8 +1,9 @@
 """Head sharding and decision-lane ownership under tensor parallelism (CPU, layout only).
 
-The GPU run (TP=2 on nvidia-h200-x2) is not possible here; these tests pin down the layout the
-TP path must follow: every KV head on exactly one rank, its borrowed lane (query head h*G, the
-first head of its group) on the same rank, and reservations covering the fullest rank.
+These tests pin down the layout the TP path follows: every KV head on exactly one rank, its
+borrowed lane (query head h*G, the first head of its group) on the same rank, and reservations
+covering the fullest rank (also through the rows the ranks combine after each step). The engine
+at TP=2 on vLLM's CPU platform: tests/test_cpu_executors.py; on GPUs it has not run yet.
 """
 import pytest
 
@@ -59,3 +60,21 @@ def test_reservation_covers_the_fullest_rank():
     assert need > per_rank.reservation_blocks(8193, measured[0])
     # an unmeasured rank forces the worst case (dense pages for the prompt)
     assert reservation_over_ranks(per_rank, 8192, [measured[0], None]) == 8192 // 64
+
+
+def test_rows_combined_over_ranks_reserve_for_the_fullest_rank():
+    import torch
+
+    from vllm_dms.channel import COLS
+    from vllm_dms.runtime import combine_ranks
+    lay = rank_layout(ArenaLayout(num_layers=36, num_kv_heads=8, head_dim=128, block_size=64,
+                                  window=512, max_num_seqs=8, max_model_len=8320,
+                                  num_blocks=4096), 2)
+    gathered = torch.zeros(2, lay.num_slots + 1, COLS, dtype=torch.int32)  # + overflow row
+    gathered[:, 3] = torch.tensor([[8192, 4 * 20, 900, 5], [8192, 4 * 120, 4000, 5]])
+    rows, _ = combine_ranks(gathered.view(-1, COLS), 2)
+    n_done, pages, live, tag = rows[3].tolist()
+    assert (n_done, live, tag) == (8192, 4900, 5), "live keys of both ranks' heads"
+    per_rank = [(8192, 4 * 20), (8192, 4 * 120)]
+    assert lay.reservation_blocks(8193, (n_done, pages)) == \
+        reservation_over_ranks(lay, 8193, per_rank) == 121

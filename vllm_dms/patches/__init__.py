@@ -30,9 +30,9 @@ def require_attr(obj: Any, name: str, where: str) -> Any:
 
 def apply_all(logger: logging.Logger) -> bool:
     """Check, then apply, every patch. Returns False (after logging why) if vLLM's shape differs."""
-    from vllm_dms.patches import cache_dtype, dummy_loader, engine, metrics
+    from vllm_dms.patches import cache_dtype, dummy_loader, engine, metrics, worker
 
-    modules = (cache_dtype, engine, dummy_loader, metrics)
+    modules = (cache_dtype, engine, dummy_loader, metrics, worker)
     try:
         for mod in modules:
             mod.check()

@@ -30,8 +30,8 @@ from vllm_dms.patches import PatchError, require_params
 _EXPECTED_PARAMS = ("self", "usage_context", "headless")
 _CUSTOM = "CUSTOM"
 # (EngineArgs attribute, CLI flag, what it is): each must stay at its default (1) for DMS.
-_PARALLEL = (("tensor_parallel_size", "--tensor-parallel-size", "tensor parallelism"),
-             ("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
+# Tensor parallelism is served (rank-local KV heads, vllm_dms.tp) and checked in _prepare_dms.
+_PARALLEL = (("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
              ("data_parallel_size", "--data-parallel-size", "data parallelism"),
              ("decode_context_parallel_size", "--decode-context-parallel-size",
               "decode context parallelism"),
@@ -59,6 +59,9 @@ _MUST_BE_UNSET = (
 )
 
 
+# Executors whose workers are called through WorkerWrapperBase (vllm_dms.patches.worker).
+_EXECUTORS = (None, "uni", "mp", "external_launcher")
+
 DMS_BLOCK_SIZE = 64  # default --block-size with dms_fp8 (any multiple of 16 works)
 
 
@@ -80,6 +83,7 @@ def check() -> None:
               "max_model_len", "async_scheduling", "scheduler_cls", "block_size",
               "enable_sleep_mode", "dtype"}
     wanted |= {a for a, _, _ in _PARALLEL + _MUST_BE_OFF + _MUST_BE_UNSET}
+    wanted |= {"tensor_parallel_size", "distributed_executor_backend"}
     if missing := sorted(wanted - names):
         raise PatchError(f"vllm.engine.arg_utils.EngineArgs lacks fields {missing}")
 
@@ -118,6 +122,8 @@ def _prepare_dms(args: Any) -> DMSConfig:
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
     dms = check_serving(args.model, overrides, args.dtype)  # the checks inspect runs too
     _reject_unsupported(args)
+    from vllm_dms.tp import shard_heads
+    shard_heads(dms, args.tensor_parallel_size or 1)  # each KV head and its lane on one rank
     # chunked prefill, prefix caching and async scheduling: vLLM's defaults (all on); with
     # chunked prefill off and the token budget unset, vLLM raises it to >= max_model_len itself
     if args.block_size is None:
@@ -146,6 +152,10 @@ def _reject_unsupported(args: Any) -> None:
     for attr, flag, what in _MUST_BE_UNSET:
         if getattr(args, attr) not in (None, [], {}):
             reject(flag, what)
+    if args.distributed_executor_backend not in _EXECUTORS:
+        reject("--distributed-executor-backend", f"executor {args.distributed_executor_backend!r} "
+               f"(its workers bypass the worker entry point that carries the DMS step "
+               f"messages; use one of {sorted(e for e in _EXECUTORS if e)})")
     for flag, backend in (("--attention-backend", args.attention_backend),
                           ("--attention-config.backend", args.attention_config.backend)):
         if backend is not None and _backend_name(backend) not in (_CUSTOM, "AUTO"):
