@@ -97,19 +97,20 @@ class SchedulerLink:
         """Forget the measurement of a slot (it changes owner)."""
         self._rows[slot] = (INVALID, 0, 0, 0)
 
+    # ndarray.tolist(): one C call per row, the scheduler reads a row per running request
     def read(self, slot: int) -> tuple[int, int]:
-        row = self._rows[slot]
-        return int(row[0]), int(row[1])
+        n_done, pages, _, _ = self._rows[slot].tolist()
+        return n_done, pages
 
     def read_row(self, slot: int) -> tuple[int, int, int, int]:
         """(n_done, pages_max, live, tag) of a slot, all from the same worker copy."""
-        n_done, pages, live, tag = (int(x) for x in self._rows[slot])
+        n_done, pages, live, tag = self._rows[slot].tolist()
         return n_done, pages, live, tag
 
     def read_live(self, slot: int) -> tuple[int, int]:
         """(n_done, live) of a slot, both from the same worker copy."""
-        row = self._rows[slot]
-        return int(row[0]), int(row[2])
+        n_done, _, live, _ = self._rows[slot].tolist()
+        return n_done, live
 
 
 class FeedbackRing:
