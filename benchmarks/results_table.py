@@ -105,6 +105,14 @@ def gpu_suite():
                   f"{c['error']} | {c['skipped']} |")
 
 
+def host():
+    header("file", "running", "stock us/step", "dms us/step", "dms x stock", "repeats x steps")
+    for path in sorted(glob.glob(os.path.join(ROOT, "host-overhead-*.json"))):
+        for r in json.load(open(path))["rows"]:
+            print(f"| {os.path.basename(path)} | {r['running']} | {r['stock_us']:.1f} | "
+                  f"{r['dms_us']:.1f} | {r['dms_x_stock']:.2f} | {r['repeats']} x {r['steps']} |")
+
+
 def serve():
     header("model", "engine", "concurrency x prompts", "in/out tokens", "failed",
            "output tok/s", "x BF16", "mean TTFT ms", "mean TPOT ms", "peak waiting",
@@ -133,7 +141,7 @@ def mechanics():
 
 
 TABLES = dict(speed=speed, correctness=correctness, mechanics=mechanics, serve=serve,
-              quality=quality, chunked=chunked, prefix=prefix, gpu_suite=gpu_suite)
+              quality=quality, chunked=chunked, prefix=prefix, gpu_suite=gpu_suite, host=host)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
