@@ -26,7 +26,8 @@ def main():
     from vllm_dms.runtime import inprocess_engine
     t0 = time.time()
     llm = LLM(a.model, load_format="dummy", kv_cache_dtype="dms_fp8", max_model_len=a.ctx + 64,
-              max_num_seqs=8, gpu_memory_utilization=0.5, enforce_eager=not a.graphs, seed=0)
+              max_num_seqs=8, gpu_memory_utilization=0.5, enforce_eager=not a.graphs, seed=0,
+              enable_prefix_caching=False)  # finished rows are released, not kept as entries
     print(f"engine up in {time.time() - t0:.1f}s", flush=True)
     ps = [{"prompt_token_ids": p} for p in prompts_for(a.model, a.ctx, a.n)]
     sp = SamplingParams(max_tokens=32, ignore_eos=True, temperature=0.0, detokenize=False)

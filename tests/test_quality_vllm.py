@@ -152,7 +152,7 @@ def test_token_matches_reads_the_first_column():
 def test_engine_args():
     kw = engine_args(512, 20)
     assert kw == dict(max_model_len=513, gpu_memory_utilization=0.3, seed=0, enforce_eager=False,
-                      max_logprobs=20, kv_cache_dtype="dms_fp8")
+                      max_logprobs=20, enable_prefix_caching=False, kv_cache_dtype="dms_fp8")
     kw = engine_args(512, 50, kv_cache_dtype="auto", gpu_memory_utilization=0.5,
                      max_model_len=4096)
     assert kw["kv_cache_dtype"] == "dms_fp8" and kw["max_logprobs"] == 50

@@ -43,7 +43,10 @@ def _demo_vllm(model_dir: str, max_tokens: int) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_dms.runtime import inprocess_engine
-    llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, gpu_memory_utilization=0.3)
+    # no prefix caching: the finished request's slot is released (not kept as an entry), so
+    # its rows can be read from the release list
+    llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=4096, gpu_memory_utilization=0.3,
+              enable_prefix_caching=False)
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=max_tokens))[0]
     print(out.outputs[0].text)
     mgr, rt = inprocess_engine(llm)

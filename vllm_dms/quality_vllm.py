@@ -133,8 +133,9 @@ def summarize(tot: dict, top_k: int) -> dict:
 # ------------------------------------------------------------------ the engine (GPU)
 def engine_args(window_len: int, top_k: int = TOP_K, **engine_kw) -> dict:
     """LLM(...) keyword arguments: room for the window plus the one sampled token."""
+    # no prefix caching: each finished window's slot is released, where arena_live reads it
     kw = dict(max_model_len=window_len + 1, gpu_memory_utilization=0.3, seed=0,
-              enforce_eager=False, max_logprobs=max(TOP_K, top_k))
+              enforce_eager=False, max_logprobs=max(TOP_K, top_k), enable_prefix_caching=False)
     kw.update(engine_kw)
     if kw["max_model_len"] < window_len + 1:
         raise ValueError(f"max_model_len {kw['max_model_len']} < window {window_len} + 1")
