@@ -23,6 +23,8 @@
 #   correct-chunked               correctness rows, 3 x 3000-token prompts: one-shot (with the
 #                                 live-count gap analysis), chunk budgets 256 and 2048 vs it;
 #                                 Llama then Qwen3 ($MODELS)
+#   serve-workloads               issue 15: serve_bench --workload $WORKLOADS (default
+#                                 decode-heavy) for BF16, FP8 and dms_fp8 on $MODEL (llama-3.2-1b)
 #   serve-defaults                `vllm serve CKPT --kv-cache-dtype dms_fp8`, no other flag:
 #                                 its start-up log line (what is on by default)
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
@@ -74,6 +76,12 @@ for stage in "$@"; do
             | grep "first divergence\|match\|explained\|rows_\|decisions_\|Error\|error" | tail -14
         done
       done ;;
+    serve-workloads)
+      m=${MODEL:-llama-3.2-1b}
+      $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
+        --gpu-util ${UTIL:-0.12} --engines vllm-bf16 vllm-fp8 dms_fp8 --out-dir $OUT \
+        --workload ${WORKLOADS:-decode-heavy} 2>&1 | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" \
+        | tail -20 ;;
     serve-defaults)
       random_ckpt
       python3 -m vllm.entrypoints.cli.main serve $RANDOM_CKPT --kv-cache-dtype dms_fp8 \

@@ -321,3 +321,14 @@ def test_bf16_compute_rounds_activations_but_stays_close(model):
     assert float(diff.max()) < 0.1 * float(f32.lane_logits.abs().max()), float(diff.max())
     rel = ((f32.logits - b16.logits).norm() / f32.logits.norm()).item()
     assert 0 < rel < 0.05, rel
+
+
+def test_greedy_generate_reference_stops_after_the_stop_token(model):
+    dms = dms_for(model)
+    prompt = ids_of(9)
+    full, _ = greedy_generate_reference(model, dms, prompt, 6)
+    stop = int(full[2])
+    first = next(i for i, t in enumerate(full.tolist()) if t == stop)
+    got, out = greedy_generate_reference(model, dms, prompt, 6, stop_id=stop)
+    assert got.tolist() == full[:first + 1].tolist()
+    assert out.logits.shape[0] == prompt.numel() + first + 1

@@ -258,14 +258,19 @@ def reference_forward(model: torch.nn.Module, dms: DMSConfig, input_ids: torch.T
 
 @torch.no_grad()
 def greedy_generate_reference(model: torch.nn.Module, dms: DMSConfig, prompt_ids: torch.Tensor,
-                              steps: int, **kw) -> tuple[torch.Tensor, RefOutput]:
-    """Greedy decode `steps` tokens by re-running the full forward each step.
+                              steps: int, stop_id: int | None = None,
+                              **kw) -> tuple[torch.Tensor, RefOutput]:
+    """Greedy decode up to `steps` tokens (ending early after `stop_id`) by re-running the full
+    forward each step.
 
-    Returns (generated ids [steps], RefOutput over prompt + generated). The forward is causal,
-    so the final pass reproduces every step's logits.
+    Returns (generated ids, RefOutput over prompt + generated). The forward is causal, so the
+    final pass reproduces every step's logits.
     """
     seq = prompt_ids.reshape(-1).cpu()
+    start = seq.numel()
     for _ in range(steps):
         nxt = reference_forward(model, dms, seq, **kw).logits[-1].argmax().cpu()
         seq = torch.cat([seq, nxt.view(1)])
-    return seq[seq.numel() - steps:], reference_forward(model, dms, seq, **kw)
+        if stop_id is not None and int(nxt) == stop_id:
+            break
+    return seq[start:], reference_forward(model, dms, seq, **kw)
