@@ -120,30 +120,34 @@ def live_by_head(run):
 
 
 @pytest.fixture(scope="module")
-def two_in_one(ckpt, rounds):
-    """Two engines alive in one process (other max_num_seqs), each run twice, interleaved
-    by construction: engine A's runs, then B's, with A still alive."""
-    return engines(ckpt, rounds, [dict(max_num_seqs=4), dict(max_num_seqs=3)], repeat=2)
+def uni(ckpt, rounds):
+    """The reference: one engine, its worker in the engine core (the uni executor)."""
+    (run,) = engines(ckpt, rounds, [dict(max_num_seqs=4)])
+    return run
 
 
-def test_two_engines_in_one_process(two_in_one):
-    for run in two_in_one:
+def test_uni_executor(uni):
+    check_run(uni)  # also: releases apply on the empty step that carries them, not a step later
+    assert sum(map(len, uni["tokens"].values())) == 4 * 6
+
+
+def test_two_engines_in_one_process(ckpt, rounds, uni):
+    """Both alive (other max_num_seqs), each run twice: A's runs, then B's, A still alive."""
+    runs = engines(ckpt, rounds, [dict(max_num_seqs=4), dict(max_num_seqs=3)], repeat=2)
+    for run in runs:
         check_run(run)
-    first = two_in_one[0]
-    for run in two_in_one[1:]:
-        assert run["tokens"] == first["tokens"]
-        assert live_by_head(run) == live_by_head(first)
-    assert sum(map(len, first["tokens"].values())) == 4 * 6
+        assert run["tokens"] == uni["tokens"]
+        assert live_by_head(run) == live_by_head(uni)
 
 
-def test_mp_executor_releases_reach_the_worker(ckpt, rounds, two_in_one):
+def test_mp_executor_releases_reach_the_worker(ckpt, rounds, uni):
     (run,) = engines(ckpt, rounds, [dict(max_num_seqs=4, distributed_executor_backend="mp")])
     check_run(run)
-    assert run["tokens"] == two_in_one[0]["tokens"]
-    assert live_by_head(run) == live_by_head(two_in_one[0])
+    assert run["tokens"] == uni["tokens"]
+    assert live_by_head(run) == live_by_head(uni)
 
 
-def test_tp2_equals_tp1_tokens_and_live_counts(ckpt, rounds, two_in_one):
+def test_tp2_equals_tp1_tokens_and_live_counts(ckpt, rounds, uni):
     """Layer 0's live counts are exactly TP=1's (its inputs are the same bits on every rank);
     later layers read the hidden state after TP's bf16 all-reduce, whose rounding differs from
     one GEMM's: on this model layer 1 has decision logits within 0.08-0.16 of the threshold
@@ -152,10 +156,10 @@ def test_tp2_equals_tp1_tokens_and_live_counts(ckpt, rounds, two_in_one):
     (run,) = engines(ckpt, rounds, [dict(max_num_seqs=4, tensor_parallel_size=2)])
     assert len(run["idle"]) == 2, "one arena per rank"
     check_run(run)
-    assert run["tokens"] == two_in_one[0]["tokens"]
+    assert run["tokens"] == uni["tokens"]
     per_rank = [sum(map(sum, r["rows"][0])) for r in run["last_round"]]
     assert all(per_rank), f"each rank holds live keys of its own head: {per_rank}"
-    tp1, tp2 = live_by_head(two_in_one[0]), live_by_head(run)
+    tp1, tp2 = live_by_head(uni), live_by_head(run)
     assert tp2[0] == tp1[0]
     for one, two in zip(tp1[1:], tp2[1:]):
         assert one.keys() == two.keys()

@@ -90,13 +90,14 @@ def scenarios(tmp):
     s += [("r7_async_ok", dict(model=NV, async_scheduling=True, **DMS), None),
           ("r7_chunked_ok", dict(model=NV, enable_chunked_prefill=True,
                                  max_num_batched_tokens=256, **DMS), None),
-          ("r7_prefix_ok", dict(model=NV, enable_prefix_caching=True, **DMS), None)]
+          ("r7_prefix_ok", dict(model=NV, enable_prefix_caching=True, **DMS), None),
+          ("r7_tp_ok", dict(model=NV, tensor_parallel_size=2, **DMS), None),
+          ("r7_tp_3", dict(model=NV, tensor_parallel_size=3, **DMS), None)]
     return [dict(name=n, kwargs=kw, probe=p) for n, kw, p in s]
 
 
 # row 7: name -> (flag the message must start with, EngineArgs kwargs)
 FLAGS = {
-    "tp": ("--tensor-parallel-size", dict(tensor_parallel_size=3)),  # must divide the KV heads
     "pp": ("--pipeline-parallel-size", dict(pipeline_parallel_size=2)),
     "dp": ("--data-parallel-size", dict(data_parallel_size=2)),
     "dcp": ("--decode-context-parallel-size", dict(decode_context_parallel_size=2)),
@@ -229,6 +230,12 @@ def test_r7_each_unsupported_flag_rejected_with_alternative(runs, name):
     flag = FLAGS[name][0]
     msg = refused(runs[0][f"r7_{name}"], "dms_fp8", f"remove {flag} or {ALT_DTYPE}")
     assert msg.startswith(flag), msg
+
+
+def test_r7_tensor_parallelism_must_divide_the_kv_heads(runs):
+    assert "ok" in runs[0]["r7_tp_ok"], runs[0]["r7_tp_ok"]  # 2 KV heads: one per rank
+    msg = refused(runs[0]["r7_tp_3"], "dms_fp8", "num_key_value_heads=2", "use one of [1, 2]")
+    assert msg.startswith("--tensor-parallel-size 3"), msg
 
 
 def test_r7_explicit_async_scheduling_accepted(runs):
