@@ -123,7 +123,8 @@ def graph_timed(fn, reps: int = 20) -> float:
 
 
 def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
-    from vllm_dms.worker.kernels.arena_ops import dms_decode_store, dms_prefill_pack
+    from vllm_dms.worker.kernels.arena_ops import dms_decode_store
+    from vllm_dms.worker.kernels.pack import dms_prefill_pack
     from vllm_dms.worker.kernels.decode import (decode_splits, decode_workspace, dms_decode_attention,
                                                 workspace_for)
     from vllm_dms.worker.runtime import DECODE_SPLITS

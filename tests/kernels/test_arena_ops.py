@@ -5,9 +5,9 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout, cdiv
-from vllm_dms.worker.kernels.arena_ops import (_load_kv, _to_store, arena_read_row, arena_state,
-                                               dms_prefill_pack,
-                                               dms_release)
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_release
+from vllm_dms.worker.kernels.common import _load_kv, _to_store
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
 from vllm_dms.tools.reference import dms_mask, live_counts, shifted_flags
 
 AO = "vllm_dms.worker.kernels.arena_ops"

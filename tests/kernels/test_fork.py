@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vllm_dms.engine.arena import cdiv
-from vllm_dms.worker.kernels.arena_ops import (arena_read_row, arena_state, dms_decode_store,
-                                               dms_prefill_pack, dms_release)
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_decode_store, dms_release
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
 from vllm_dms.worker.kernels.decode import decode_workspace, dms_decode_attention
 from vllm_dms.worker.kernels.fork import dms_fork_rows
 from vllm_dms.tools.reference import shifted_flags

@@ -12,7 +12,8 @@ import torch
 from test_decode import simulate
 
 from vllm_dms.engine.arena import ArenaLayout, cdiv
-from vllm_dms.worker.kernels.arena_ops import arena_state, dms_decode_store, dms_prefill_pack
+from vllm_dms.worker.kernels.arena_ops import arena_state, dms_decode_store
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
 from vllm_dms.worker.kernels.prefill import dms_prefill_attention
 from vllm_dms.tools.reference import dms_attention_reference, live_counts, shifted_flags
 

@@ -27,10 +27,10 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout
-from vllm_dms.worker.kernels.arena_ops import (FLAG_BIT, _check, _kv_byte_off, _load_kv,
-                                               _meta_ptr, _pop, _settle, _write_kv, arena_words,
-                                               check_store_args,
-                                               state_word_offsets)
+from vllm_dms.worker.kernels.common import (FLAG_BIT, _check, _kv_byte_off, _load_kv,
+                                            _meta_ptr, _pop, _settle, _write_kv, arena_words,
+                                            check_store_args,
+                                            state_word_offsets)
 from vllm_dms.worker.kernels.prefill import (LOG2E, _attend_own_keys, _online_step, _query_tile,
                                              _store_rows, attention_tiles, survivor_index)
 
@@ -99,7 +99,7 @@ def _chunk_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, n0_ptr, slo
         slot = tl.load(slots + b)
         n0 = tl.load(n0_ptr + b)
         q, t, hq, row_ok, tok, dd, dm = _query_tile(q_ptr, start, n, m_lo, h, sqt, sqh, G, TM,
-                                                    D, BLOCK_R, BLOCK_D, CARRIER)
+                                                 D, BLOCK_R, BLOCK_D, CARRIER)
         p = n0 + t                  # absolute query position (t: chunk-local)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0
         l_i = tl.zeros([BLOCK_R], tl.float32)

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout
-from vllm_dms.worker.kernels.arena_ops import (_check, _dot, _drop_carrier, _kv_byte_off, _load_kv,
-                                               arena_words, state_word_offsets)
+from vllm_dms.worker.kernels.common import (_check, _dot, _drop_carrier, _kv_byte_off, _load_kv,
+                                            arena_words, state_word_offsets)
 
 LOG2E = 1.4426950408889634
 

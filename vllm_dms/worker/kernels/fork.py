@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout
-from vllm_dms.worker.kernels.arena_ops import (_check, _pop, _settle, _take_pages, arena_words,
-                                               state_word_offsets)
+from vllm_dms.worker.kernels.common import (_check, _pop, _settle, _take_pages, arena_words,
+                                            state_word_offsets)
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout
-from vllm_dms.worker.kernels.arena_ops import (FLAG_BIT, _check, _meta_ptr, _pop, _settle, _take_pages,
-                                               _write_kv, check_store_args, state_word_offsets)
+from vllm_dms.worker.kernels.common import (FLAG_BIT, _check, _meta_ptr, _pop, _settle, _take_pages,
+                                            _write_kv, check_store_args, state_word_offsets)
 from vllm_dms.worker.kernels.prefill import survivor_index
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_dms.worker.kernels.arena_ops import _check, _dot, _drop_carrier
+from vllm_dms.worker.kernels.common import _check, _dot, _drop_carrier
 
 LOG2E = 1.4426950408889634
 # CUDA tiles (BLOCK_R rows, BLOCK_N keys, warps, stages) by head_dim bound; benchmarks/
@@ -139,7 +139,7 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, flags, surv, cum, T, cu, out_ptr,
     m_lo = pid_m * TM
     if m_lo < n:
         q, t, hq, row_ok, tok, dd, dm = _query_tile(q_ptr, start, n, m_lo, h, sqt, sqh, G, TM,
-                                                    D, BLOCK_R, BLOCK_D, CARRIER)
+                                                 D, BLOCK_R, BLOCK_D, CARRIER)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)  # finite: padded rows never make NaN
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
