@@ -1,9 +1,9 @@
 """What the DMS scheduler and the DMS worker of one engine tell each other, in vLLM's step messages.
 
 No process-wide state: each engine's scheduler (``DMSKVCacheManager.link``) and each of its
-workers (``vllm_dms.worker.runtime.WorkerLink``) own their half, so the worker may live in the engine
-core (UniProcExecutor), in a process of its own (MultiprocExecutor, any TP rank), and several
-engines may share one process.
+workers (``vllm_dms.worker.runtime.WorkerLink``) own their half, so the worker may live in the
+engine core (UniProcExecutor), in a process of its own (MultiprocExecutor, any TP rank), and
+several engines may share one process.
 
 * Scheduler -> worker: ``StepOrders`` set by ``DMSScheduler.schedule()`` on the
   ``SchedulerOutput`` it returns (attribute ``ORDERS_ATTR``; a plain dataclass attribute, so it

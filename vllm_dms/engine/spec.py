@@ -1,9 +1,9 @@
 """DMSCompactSpec: the KV-cache spec of a DMS layer, and its registration with vLLM.
 
-One vLLM block of this spec is one arena page of one layer (``vllm_dms.engine.arena``): H sub-pages of
-P slots of ``2*D*elem + 4`` bytes. vLLM sizes the KV memory from ``page_size_bytes`` as usual
-(``num_blocks = bytes // (page * layers)``); the scheduler side (``vllm_dms.engine.scheduler``) turns the
-blocks into a reservation ledger.
+One vLLM block of this spec is one arena page of one layer (``vllm_dms.engine.arena``): H
+sub-pages of P slots of ``2*D*elem + 4`` bytes. vLLM sizes the KV memory from ``page_size_bytes``
+as usual (``num_blocks = bytes // (page * layers)``); the scheduler side
+(``vllm_dms.engine.ledger``) turns the blocks into a reservation ledger.
 
 The spec is registered as its *own* uniform-type base so that DMS layers never share a KV-cache
 group (and a block table) with dense layers. Its manager class only exists because the registry

@@ -12,9 +12,9 @@ Greedy generation agreement: 4 prompts x 64 tokens, DMS vs no-evict, exact DMS s
 incremental decoder that tests check against reference.greedy_generate_reference).
 
 Path dms_fp8 (GPU): the same windows through vLLM with --kv-cache-dtype dms_fp8 (prompt_logprobs,
-vllm_dms.tools.quality_vllm). vLLM returns only its top-k, so its KLDs are on the support "top-k ids +
-one tail bucket" (row field kld_support; a lower bound of the full KLD): kld_vs_noevict against
-the no-evict reference, kld_vs_reference_evict against the exact reference with eviction on
+vllm_dms.tools.quality_vllm). vLLM returns only its top-k, so its KLDs are on the support "top-k
+ids + one tail bucket" (row field kld_support; a lower bound of the full KLD): kld_vs_noevict
+against the no-evict reference, kld_vs_reference_evict against the exact reference with eviction on
 (agreement of engine and reference). measured_compression: the engine arena's live counts when
 readable (in-process engine), else the evict reference's on the same windows (details say which).
 """
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from vllm_dms.engine.config import DMSConfig
 from vllm_dms.tools.quality_vllm import (TOP_K, VllmScores, kl_topk, score_vllm, summarize, topk_of,
                                          window_stats)
-from vllm_dms.tools.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin, _zero_lane,
-                                      fp8_roundtrip, lane_decisions, project_qkv, reference_forward)
+from vllm_dms.tools.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin,
+                                      _zero_lane, fp8_roundtrip, lane_decisions, project_qkv,
+                                      reference_forward)
 
 EVAL_TEXT = "alice29.txt"
 ROW_KEYS = ("model", "path", "cr_target", "measured_compression", "kld_vs_noevict", "token_match",

@@ -157,8 +157,9 @@ def build_from_delta(delta_path: str, out_dir: str, base_dir: str | None = None)
     return out_dir
 
 
-SHIPPED_DELTA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "data", "smollm2-135m-dms-cr8-w16.safetensors")
+# vllm_dms/ (this file is vllm_dms/tools/training/delta.py)
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED_DELTA = os.path.join(PACKAGE_DIR, "data", "smollm2-135m-dms-cr8-w16.safetensors")
 
 
 def shipped_checkpoint(cache_dir: str | None = None) -> str:

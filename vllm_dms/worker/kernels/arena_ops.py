@@ -11,7 +11,8 @@ and 0 on reuse, release zeroes), so the live KV count reaches the host without r
 All launch wrappers are CUDA-graph safe: no host syncs and no allocation (only tensor views).
 ``arena_read_row`` is a host-side debug/test reader and is not capture safe.
 
-The free-stack protocol (pops, debt, settle) and the views are in ``vllm_dms.worker.kernels.common``.
+The free-stack protocol (pops, debt, settle) and the views are in
+``vllm_dms.worker.kernels.common``.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import triton
 import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout
-from vllm_dms.worker.kernels.common import (FLAG_BIT, ArenaState, _check, _live_arg, _meta_ptr, _pop,
-                                            _settle, _write_kv, arena_state, arena_words,
+from vllm_dms.worker.kernels.common import (FLAG_BIT, ArenaState, _check, _live_arg, _meta_ptr,
+                                            _pop, _settle, _write_kv, arena_state, arena_words,
                                             check_store_args, state_word_offsets)
 
-__all__ = ["ArenaState", "arena_init", "arena_read_row", "arena_state", "arena_words", "dms_decode_store",
-           "dms_release", "state_word_offsets"]
+__all__ = ["ArenaState", "arena_init", "arena_read_row", "arena_state", "arena_words",
+           "dms_decode_store", "dms_release", "state_word_offsets"]
 
 
 def arena_init(kv_layer: torch.Tensor, layout: ArenaLayout) -> None:

@@ -1,6 +1,9 @@
-"""What every arena kernel module shares (layout: vllm_dms/engine/arena.py); imports no other kernel module.
+"""What every arena kernel module shares (layout: vllm_dms/engine/arena.py).
 
-* ``arena_state`` / ``arena_words`` / ``state_word_offsets``: named and int32 views of one layer tensor.
+It imports no other kernel module, and every other kernel module imports it (no import circle).
+
+* ``arena_state`` / ``arena_words`` / ``state_word_offsets``: named and int32 views of one layer
+  tensor.
 * Triton jit helpers: K/V and meta addressing, FP8 e4m3 conversion, dots, the carrier lane, the
   free-stack pop / take / settle below.
 * Host checks shared by the launch wrappers (``_check``, ``check_store_args``).
