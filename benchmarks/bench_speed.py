@@ -32,7 +32,7 @@ ENGINES = {"vllm-bf16": "auto", "vllm-fp8": "fp8", "vllm-tq4": "turboquant_4bit_
 def prompts_for(model_dir: str, ctx: int, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from vllm_dms.texts import gutenberg_text
+    from vllm_dms.tools.texts import gutenberg_text
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(gutenberg_text("lcet10.txt") + gutenberg_text("alice29.txt"))["input_ids"]
     out = []
@@ -128,7 +128,7 @@ def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
 
 def dms_bytes_per_seq(llm, c: int) -> float:
     """Arena bytes the just-finished requests hold (their rows are released at the next step)."""
-    from vllm_dms.runtime import inprocess_engine
+    from vllm_dms.worker.runtime import inprocess_engine
     mgr, rt = inprocess_engine(llm)
     slots = mgr.link.release[-c:]
     return sum(rt.slot_bytes(s) for s in slots) / len(slots)

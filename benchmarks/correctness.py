@@ -2,14 +2,14 @@
 
 For each prompt: greedy-generate with ``vllm.LLM(..., kv_cache_dtype="dms_fp8")`` (one request at
 a time, engine in-process), read the request's arena rows before they are released, and compare
-with ``vllm_dms.reference.reference_forward`` on the same tokens (teacher-forced, K/V through
+with ``vllm_dms.tools.reference.reference_forward`` on the same tokens (teacher-forced, K/V through
 FP8 for decode rows, as the engine reads them): greedy tokens, flags (recovered from the arena), live counts per (layer, head), and the
 log-probabilities vLLM returned. Writes one JSON row per model.
 
 Two checks per prompt: *free-running* (the reference computes its own decisions: numerics and
 decisions together) and *mechanics* (the reference is given the engine's decisions, recovered
 from the arena: store, eviction and attention alone). By default the reference runs on the
-engine's own weights (``vllm_dms.reference_view``), so synthetic dummy-weight checkpoints work.
+engine's own weights (``vllm_dms.tools.reference_view``), so synthetic dummy-weight checkpoints work.
 
     python benchmarks/correctness.py --model DIR --name smollm2-135m-dms --out results.json
 
@@ -36,7 +36,7 @@ PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
 
 def arena_rows(layout, kv_layers, slot):
     """(live [L, H], pages [L, H], positions of each row's live tokens [L][H]) for one slot."""
-    from vllm_dms.kernels.arena_ops import arena_read_row, arena_state
+    from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state
     live, pages, positions = [], [], []
     for kv in kv_layers:
         st = arena_state(kv.view(-1), layout)
@@ -92,7 +92,7 @@ def load_prompts(tok, max_prompts: int, prompt_tokens: int) -> list[list[int]]:
     if not prompt_tokens:
         texts = json.load(open(PROMPT_FILE))["prompts"][:max_prompts]
         return [tok(t)["input_ids"] for t in texts]
-    from vllm_dms.texts import gutenberg_text
+    from vllm_dms.tools.texts import gutenberg_text
     ids = tok(gutenberg_text("lcet10.txt"))["input_ids"]
     assert len(ids) >= max_prompts * prompt_tokens, "not enough held-out text"
     return [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(max_prompts)]
@@ -138,9 +138,9 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_dms.config import DMSConfig
-    from vllm_dms.reference import reference_forward
-    from vllm_dms.runtime import inprocess_engine
+    from vllm_dms.engine.config import DMSConfig
+    from vllm_dms.tools.reference import reference_forward
+    from vllm_dms.worker.runtime import inprocess_engine
 
     dms = DMSConfig.from_checkpoint(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -155,7 +155,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
               enable_chunked_prefill=bool(chunk),
               **(dict(max_num_batched_tokens=chunk) if chunk else {}), **extra)
     if weights == "engine":
-        from vllm_dms.reference_view import reference_view
+        from vllm_dms.tools.reference_view import reference_view
         hf = reference_view(engine_model(llm), llm.llm_engine.vllm_config.model_config.hf_config)
     else:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()

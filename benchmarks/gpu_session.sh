@@ -109,7 +109,7 @@ for _ in range(150):
       # checkpoints.smollm2_base() reads its cache: the GGUF's package is not on this image
       mkdir -p $VLLM_DMS_CACHE && ln -sfn $HOME/models/smollm2 $VLLM_DMS_CACHE/smollm2-135m-instruct \
         && touch $HOME/models/smollm2/.vllm_dms_complete
-      python3 -c "from vllm_dms.checkpoints import add_dms_fields as a; print(a('$HOME/models/smollm2', '$SMOL', window=64))" ;;
+      python3 -c "from vllm_dms.tools.checkpoints import add_dms_fields as a; print(a('$HOME/models/smollm2', '$SMOL', window=64))" ;;
     correct-llama|correct-qwen)
       m=$([ $stage = correct-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/correctness.py --model .gpu/ckpt/$m-dms-cr8 --name $m-synthetic-cr8 \
@@ -124,15 +124,15 @@ for _ in range(150):
         --name llama-3.2-1b-synthetic-cr8-chunked256 --graphs --chunk 256 \
         --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     quality-smollm2)
-      $T python3 -m vllm_dms.cli eval smollm2-trained --path dms_fp8 --windows 4 \
+      $T python3 -m vllm_dms.tools.cli eval smollm2-trained --path dms_fp8 --windows 4 \
         --window-len 512 --tag smollm2-135m --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     train-smollm2)
       NEW=$HOME/models/smollm2-dms-gpu-cr8
-      timeout 480 python3 -m vllm_dms.training.train --base $HOME/models/smollm2 \
+      timeout 480 python3 -m vllm_dms.tools.training.train --base $HOME/models/smollm2 \
         --out $OUT/train-cr8 --build $NEW --max-minutes 7 --log $OUT/train-smollm2-cr8.jsonl \
         2>&1 | tail -20
       for path in reference dms_fp8; do
-        $T python3 -m vllm_dms.cli eval $NEW --base-dir $HOME/models/smollm2 --path $path \
+        $T python3 -m vllm_dms.tools.cli eval $NEW --base-dir $HOME/models/smollm2 --path $path \
           --windows 4 --window-len 512 --tag smollm2-135m --name smollm2-135m-dms-gpu-cr8 \
           --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -8
       done ;;

@@ -36,7 +36,7 @@ class RowsReporter:
     """Stand-in DMS worker: the (n_done, pages, live, tag) rows of every slot, each step."""
 
     def __init__(self, mgr):
-        from vllm_dms.channel import COLS, INVALID
+        from vllm_dms.engine.channel import COLS, INVALID
         self.S1, self.H, self.P = mgr.layout.num_slots, mgr.layout.num_kv_heads, mgr.layout.block_size
         self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
         self.rows[:, 0] = INVALID
@@ -44,7 +44,7 @@ class RowsReporter:
         self.live = ts.dms_live_8x(mgr.layout.window)
 
     def __call__(self, sched, out):
-        from vllm_dms.channel import FEEDBACK_ATTR
+        from vllm_dms.engine.channel import FEEDBACK_ATTR
         for r in out.scheduled_new_reqs:
             bid = r.block_ids[0][0]
             self.slot[r.req_id] = (bid % self.S1, bid // self.S1)
@@ -67,7 +67,7 @@ def build(kind: str, running: int, model: str):
                                  dtype=torch.bfloat16)
         sched = ts.make_scheduler(Scheduler, vc, spec, LAYERS, blocks)
         return sched, ts.runner_output
-    from vllm_dms import scheduler, spec
+    from vllm_dms.engine import scheduler, spec
     spec.register_spec()
     dspec = ts.dms_spec(spec, max_num_seqs=running)
     sched = ts.make_scheduler(scheduler.DMSScheduler, vc, dspec, LAYERS, blocks)

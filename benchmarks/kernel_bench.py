@@ -42,7 +42,7 @@ def timed(fn, reps: int = 20) -> float:
 
 
 def prefill_row(name, H, G, D, W, T=8192, evict=0.875):  # noqa: N803
-    from vllm_dms.kernels.prefill import dms_prefill_attention
+    from vllm_dms.worker.kernels.prefill import dms_prefill_attention
     g = torch.Generator(device=DEV).manual_seed(0)
     Hq = H * G
     q = torch.randn(T, Hq, D, device=DEV, generator=g).to(torch.bfloat16)
@@ -53,8 +53,8 @@ def prefill_row(name, H, G, D, W, T=8192, evict=0.875):  # noqa: N803
     out = torch.empty_like(q)
     scale = D ** -0.5
     dms = timed(lambda: dms_prefill_attention(q, k, v, flags, cu, T, W, scale, out, carrier=True))
-    tiles = {}  # alternative CUDA tiles for this head_dim (vllm_dms.kernels.prefill.CUDA_TILES)
-    from vllm_dms.kernels import prefill
+    tiles = {}  # alternative CUDA tiles for this head_dim (vllm_dms.worker.kernels.prefill.CUDA_TILES)
+    from vllm_dms.worker.kernels import prefill
     bound = 128 if D <= 128 else 256
     default = prefill.CUDA_TILES[bound]
     for cfg in ((128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
@@ -78,8 +78,8 @@ def prefill_row(name, H, G, D, W, T=8192, evict=0.875):  # noqa: N803
 
 def pack_timings(k, v, flags, H, D, W, T):
     """The survivor pack of one prompt (timed with the release that makes it repeatable)."""
-    from vllm_dms.kernels.arena_ops import dms_release
-    from vllm_dms.kernels.pack import dms_prefill_pack
+    from vllm_dms.worker.kernels.arena_ops import dms_release
+    from vllm_dms.worker.kernels.pack import dms_prefill_pack
     lay, kv = arena_for(H, D, W, T, c=1)
     i32 = dict(dtype=torch.int32, device=DEV)
     lp, ov = torch.zeros(lay.num_slots, **i32), torch.zeros(1, **i32)
@@ -96,8 +96,8 @@ def pack_timings(k, v, flags, H, D, W, T):
 
 
 def arena_for(H, D, W, T, c):
-    from vllm_dms.arena import ArenaLayout, cdiv
-    from vllm_dms.kernels.arena_ops import arena_init
+    from vllm_dms.engine.arena import ArenaLayout, cdiv
+    from vllm_dms.worker.kernels.arena_ops import arena_init
     lay = ArenaLayout(num_layers=1, num_kv_heads=H, head_dim=D, block_size=64, window=W,
                       max_num_seqs=c, max_model_len=T + 64, num_blocks=1)
     for _ in range(2):  # the state region grows with num_blocks: settle
@@ -123,10 +123,11 @@ def graph_timed(fn, reps: int = 20) -> float:
 
 
 def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
-    from vllm_dms.kernels.arena_ops import dms_decode_store, dms_prefill_pack
-    from vllm_dms.kernels.decode import (decode_splits, decode_workspace, dms_decode_attention,
-                                         workspace_for)
-    from vllm_dms.runtime import DECODE_SPLITS
+    from vllm_dms.worker.kernels.arena_ops import dms_decode_store
+    from vllm_dms.worker.kernels.pack import dms_prefill_pack
+    from vllm_dms.worker.kernels.decode import (decode_splits, decode_workspace, dms_decode_attention,
+                                                workspace_for)
+    from vllm_dms.worker.runtime import DECODE_SPLITS
     lay, kv = arena_for(H, D, W, T, c)
     g = torch.Generator(device=DEV).manual_seed(1)
     i32 = dict(dtype=torch.int32, device=DEV)

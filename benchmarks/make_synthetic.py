@@ -15,8 +15,8 @@ sys.path.insert(0, "/work/shared/gpu")
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from vllm_dms import synthetic  # noqa: E402
-from vllm_dms.texts import gutenberg_text  # noqa: E402
+from vllm_dms.tools import synthetic  # noqa: E402
+from vllm_dms.tools.texts import gutenberg_text  # noqa: E402
 
 SHAPES = os.path.join(os.path.dirname(__file__), "shapes.json")
 

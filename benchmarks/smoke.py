@@ -23,7 +23,7 @@ def main():
     a = ap.parse_args()
     from vllm import LLM, SamplingParams
 
-    from vllm_dms.runtime import inprocess_engine
+    from vllm_dms.worker.runtime import inprocess_engine
     t0 = time.time()
     llm = LLM(a.model, load_format="dummy", kv_cache_dtype="dms_fp8", max_model_len=a.ctx + 64,
               max_num_seqs=8, gpu_memory_utilization=0.5, enforce_eager=not a.graphs, seed=0,

@@ -4,7 +4,7 @@ vLLM's real ``DMSScheduler`` (admission, chunked prefill, prefix reuse, preempti
 ``DMSMetadataBuilder`` and ``DMSCompactAttentionImpl`` (kernels in the Triton interpreter) inside a
 tiny random Llama that this file runs the way vLLM's model runner would: decode rows first, one
 block id per request, fp32 residual stream, bf16 q/k/v at the attention boundary with the DMS
-carrier lane (``vllm_dms.models.transform``), greedy sampling.
+carrier lane (``vllm_dms.worker.models.transform``), greedy sampling.
 
 The model's K and V are rounded to the e4m3 grid, so the FP8 arena stores them losslessly: a
 chunked, prefix-cached, preempted and one-shot run of the same prompt must then give the same
@@ -23,12 +23,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_scheduler import layer_names, make_scheduler, make_vllm_config
 from vllm.v1.outputs import ModelRunnerOutput
-from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR
-from vllm_dms.config import DMSConfig
-from vllm_dms.runtime import worker_link
-from vllm_dms.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin,
-                                dms_attention_reference, fp8_roundtrip, project_qkv,
-                                shifted_flags)
+from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
+from vllm_dms.engine.config import DMSConfig
+from vllm_dms.worker.runtime import worker_link
+from vllm_dms.tools.reference import (_apply_rope, _linear, _mlp, _rms_norm, _rope_cos_sin,
+                                      dms_attention_reference, fp8_roundtrip, project_qkv,
+                                      shifted_flags)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sim_llama_dms.json"
 
@@ -59,7 +59,7 @@ def write_checkpoint(root: Path, seed: int = 0, smollm2_tokenizer: bool = False)
     d = Path(sim_model_dir(root))
     hf = json.loads(FIXTURE.read_text())
     if smollm2_tokenizer:
-        from vllm_dms.checkpoints import _write_smollm2_tokenizer, smollm2_gguf_path
+        from vllm_dms.tools.checkpoints import _write_smollm2_tokenizer, smollm2_gguf_path
         _write_smollm2_tokenizer(smollm2_gguf_path(), str(d))
         hf["vocab_size"] = 49152
     random_llama(hf, seed).to(torch.bfloat16).save_pretrained(d)
@@ -125,9 +125,9 @@ class SimEngine:
     def __init__(self, model: SimModel, model_dir: str, *, max_num_seqs: int = 4,
                  max_num_batched_tokens: int = 512, max_model_len: int = 512,
                  num_blocks: int = 200, caching: bool = False, snapshot_stride: int | None = None):
-        from vllm_dms.backend import DMSCompactAttentionImpl, DMSMetadataBuilder
-        from vllm_dms.scheduler import DMSScheduler
-        from vllm_dms.spec import DMSCompactSpec
+        from vllm_dms.worker.backend import DMSCompactAttentionImpl, DMSMetadataBuilder
+        from vllm_dms.engine.scheduler import DMSScheduler
+        from vllm_dms.engine.spec import DMSCompactSpec
         dms = model.dms
         vc = make_vllm_config(model_dir, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,

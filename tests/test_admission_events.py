@@ -18,7 +18,7 @@ import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.request import RequestStatus
 
-from vllm_dms.channel import INVALID, SchedulerLink
+from vllm_dms.engine.channel import INVALID, SchedulerLink
 
 H, D, P, W, SEQS, MAX_LEN, BLOCKS, LAYERS = 2, 16, 16, 32, 16, 1024, 180, 4
 

@@ -16,8 +16,8 @@ import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.request import RequestStatus
 
-from vllm_dms.channel import (COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR, TAG_GENERATIONS,
-                              encode_block_id)
+from vllm_dms.engine.channel import (COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR, TAG_GENERATIONS,
+                                     encode_block_id)
 
 H, D, P, W, SEQS, MAX_LEN, BLOCKS, LAYERS = 2, 16, 16, 32, 16, 1024, 180, 4
 
@@ -223,7 +223,7 @@ def test_sync_scheduler_refuses_async_config_and_back(dms, llama_dir):  # noqa: 
 def test_tagged_block_id_bound_checked_at_startup(dms, llama_dir):  # noqa: F811
     import pytest
 
-    from vllm_dms.config import DMSConfigError
+    from vllm_dms.engine.config import DMSConfigError
     spec_mod, sched_mod = dms
     seqs, bs = 4096, 2048  # 4097 * 256 * 2048 >= 2**31
     vc = make_vllm_config(llama_dir, max_num_seqs=seqs, max_num_batched_tokens=4096,
@@ -235,7 +235,7 @@ def test_tagged_block_id_bound_checked_at_startup(dms, llama_dir):  # noqa: F811
 
 
 def test_builder_decodes_slot_and_tag():
-    from vllm_dms.backend import decode_block_ids
+    from vllm_dms.worker.backend import decode_block_ids
     S1 = 5
     pairs = [(1, 1), (4, 255), (2, 0), (3, 17), (0, 0), (0, 0)]  # last two: padding (block 0)
     ids = torch.tensor([encode_block_id(s, g, S1) for s, g in pairs], dtype=torch.int32)

@@ -15,14 +15,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from vllm_dms.arena import ArenaLayout  # noqa: E402
-from vllm_dms.backend import (DMSCompactAttentionImpl, DMSMetadata,  # noqa: E402
-                              prefill_chunk_rows)
-from vllm_dms.config import DMSConfig  # noqa: E402
-from vllm_dms.kernels.arena_ops import arena_read_row, arena_state  # noqa: E402
-from vllm_dms.models.transform import DMSRotary  # noqa: E402
-from vllm_dms.reference import dms_attention_reference, live_counts, shifted_flags  # noqa: E402
-from vllm_dms.runtime import DMSRuntime  # noqa: E402
+from vllm_dms.engine.arena import ArenaLayout  # noqa: E402
+from vllm_dms.worker.backend import (DMSCompactAttentionImpl, DMSMetadata,  # noqa: E402
+                                     prefill_chunk_rows)
+from vllm_dms.engine.config import DMSConfig  # noqa: E402
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state  # noqa: E402
+from vllm_dms.worker.models.transform import DMSRotary  # noqa: E402
+from vllm_dms.tools.reference import dms_attention_reference, live_counts, shifted_flags  # noqa: E402
+from vllm_dms.worker.runtime import DMSRuntime  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -252,7 +252,7 @@ def test_impl_chunked_prefill_matches_one_shot(shift, W):
 def test_builder_splits_first_and_continuation_chunks():
     """build() without a worker: n0 = seq_len - query_len (device tensors), first-chunk and
     continuation slots split; exact CPU seq_lens without continuations keep the one-shot path."""
-    from vllm_dms.backend import DMSMetadataBuilder
+    from vllm_dms.worker.backend import DMSMetadataBuilder
     lay = ArenaLayout(num_layers=1, num_kv_heads=2, head_dim=32, block_size=16, window=3,
                       max_num_seqs=3, max_model_len=64, num_blocks=0)
     lay = ArenaLayout(**{**lay.__dict__, "num_blocks": lay.first_data_block + 4})
@@ -261,7 +261,7 @@ def test_builder_splits_first_and_continuation_chunks():
     rt.init_arenas([kv])
     b = object.__new__(DMSMetadataBuilder)  # only what build() reads
     b.runtime, b._kv_layers = rt, (lambda: [kv])
-    from vllm_dms.runtime import WorkerLink
+    from vllm_dms.worker.runtime import WorkerLink
     b.link = WorkerLink()  # no snapshot orders this step
     b._slots, b._pos = (torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(2))
 
@@ -292,7 +292,7 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
     the impl through DMSRuntime.order_snapshots: each cache slot's rows are the one-shot rows
     of the first L tokens (token L-1's flag final), the request's own rows are untouched, and
     each cache slot reports L tokens under its tag."""
-    from vllm_dms.kernels.pack import dms_prefill_pack
+    from vllm_dms.worker.kernels.pack import dms_prefill_pack
     H, G, D, P, W, n, slot = 2, 2, 32, 16, 3, 21, 1
     orders = [(slot, 16, 3, 5), (slot, 9, 2, 7)]
     dms = _dms(shift, W, H, G, D)
@@ -316,7 +316,7 @@ def test_impl_prefill_with_snapshot_order_packs_the_prefix(shift):
         if s == slot and shift == 1:
             m[-1] = False  # the request's last flag is pending; the snapshot's L-1 is not
         one = torch.zeros_like(kv)
-        from vllm_dms.kernels.arena_ops import arena_init
+        from vllm_dms.worker.kernels.arena_ops import arena_init
         arena_init(one.view(-1), lay)
         dms_prefill_pack(one, lay, k[:rows[0]].to(DEV), k[:rows[0]].to(DEV), m.to(DEV),
                          torch.tensor([0, rows[0]], **i32), torch.tensor([s], **i32),
@@ -346,8 +346,8 @@ def test_snapshot_order_of_a_request_not_in_the_batch_reports_nothing():
 
 
 def test_backend_declares_only_what_the_kernels_and_startup_check_accept():
-    from vllm_dms.backend import DMSCompactAttentionBackend as B
-    from vllm_dms.config import DMS_MODEL_DTYPE, compact_head_size_ok
+    from vllm_dms.worker.backend import DMSCompactAttentionBackend as B
+    from vllm_dms.engine.config import DMS_MODEL_DTYPE, compact_head_size_ok
     assert B.supported_dtypes == [getattr(torch, DMS_MODEL_DTYPE)], "fp16 would die in a kernel"
     assert [d for d in range(8, 264, 8) if B.supports_head_size(d)] == list(range(16, 257, 16))
     assert not compact_head_size_ok(72)

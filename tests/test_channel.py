@@ -1,4 +1,4 @@
-"""The step messages of one engine (vllm_dms.channel): the worker's feedback ring hands out only
+"""The step messages of one engine (vllm_dms.engine.channel): the worker's feedback ring hands out only
 a fully landed copy, the newest, once; the scheduler's link keeps the last report and sends its
 orders exactly once; a TP step's rows are the fullest rank's pages and the sum of the live
 counts. CPU: copies land at once (no events); a fake event stands in for a CUDA copy in flight."""
@@ -6,9 +6,9 @@ import pickle
 
 import torch
 
-from vllm_dms.channel import (COLS, INVALID, ORDERS_ATTR, RING, FeedbackRing, SchedulerLink,
-                              StepOrders)
-from vllm_dms.runtime import combine_ranks
+from vllm_dms.engine.channel import (COLS, INVALID, ORDERS_ATTR, RING, FeedbackRing, SchedulerLink,
+                                     StepOrders)
+from vllm_dms.worker.runtime import combine_ranks
 
 
 def rows(n, slot_value):

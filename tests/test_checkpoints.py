@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_dms import checkpoints
-from vllm_dms.checkpoints import add_dms_fields, smollm2_base, smollm2_dms
-from vllm_dms.config import DMSConfig
-from vllm_dms.reference import greedy_generate_reference, live_counts, reference_forward
+from vllm_dms.tools import checkpoints
+from vllm_dms.tools.checkpoints import add_dms_fields, smollm2_base, smollm2_dms
+from vllm_dms.engine.config import DMSConfig
+from vllm_dms.tools.reference import greedy_generate_reference, live_counts, reference_forward
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 WINDOW = 16

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_dms.config import (DMSConfig, DMSConfigError, check_serving, dms_config_from_vllm,
-                             has_dms_fields, kv_scale_field, served_dtype)
+from vllm_dms.engine.config import (DMSConfig, DMSConfigError, check_serving, dms_config_from_vllm,
+                                    has_dms_fields, kv_scale_field, served_dtype)
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 

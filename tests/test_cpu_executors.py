@@ -5,7 +5,7 @@ rank, each with the arena of its own KV head), and two engines alive in one proc
 
 Each run drives vLLM's engine step by step over two rounds of two prompts (the second round
 starts after the first finished, so it reuses the first round's slots) and checks what only the
-step messages can make true (``vllm_dms.channel``):
+step messages can make true (``vllm_dms.engine.channel``):
 
 * releases reach the worker: after one more (empty) engine step every arena is idle again (free
   stacks full, no live row), whichever process holds it;
@@ -42,7 +42,7 @@ from vllm import LLM, SamplingParams
 
 
 def arena(worker, layout):  # runs in each worker: its arena, per layer
-    from vllm_dms.kernels.arena_ops import arena_state
+    from vllm_dms.worker.kernels.arena_ops import arena_state
     ctx = worker.vllm_config.compilation_config.static_forward_context
     names = sorted(n for n, x in ctx.items() if getattr(x, "kv_cache_dtype", "") == "dms_fp8")
     st = [arena_state(ctx[n].kv_cache.view(-1), layout) for n in names]

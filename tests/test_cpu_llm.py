@@ -4,7 +4,7 @@ vLLM's own engine core, scheduler hooks, CPU worker and V1 model runner run the 
 Llama transform, backend and kernels (Triton interpreter) on a tiny random checkpoint
 (``sim_engine.write_checkpoint``), each engine in a fresh interpreter.
 
-Check: the dense DMS reference (``vllm_dms.reference``; fp32, prompt rows on bf16 K/V, later rows
+Check: the dense DMS reference (``vllm_dms.tools.reference``; fp32, prompt rows on bf16 K/V, later rows
 on FP8, as the engine) is teacher-forced on each engine's own tokens, and the engine's top-3
 logprobs must be within TOL of it at every step; where the reference's top-1 lead is above TOL,
 the engine's greedy token must be its top-1. The engine computes in bf16: measured on this
@@ -67,7 +67,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(ckpt):
     from transformers import LlamaForCausalLM
-    from vllm_dms.config import DMSConfig
+    from vllm_dms.engine.config import DMSConfig
     model = LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     return model, DMSConfig.from_checkpoint(ckpt)
 
@@ -75,7 +75,7 @@ def reference(ckpt):
 def worst_logprob_gap(reference, ps, res, evict=True) -> float:
     """Largest |engine - reference| top-3 logprob over every step; asserts greedy agreement
     wherever the reference's lead is above TOL."""
-    from vllm_dms.reference import reference_forward
+    from vllm_dms.tools.reference import reference_forward
     model, dms = reference
     worst = 0.0
     for p, toks, lps in zip(ps, res["tokens"], res["logprobs"]):
@@ -128,7 +128,7 @@ def test_llm_preemption_gives_the_unpreempted_tokens(ckpt):
     a recomputed request reads its generated tokens' K/V in bf16 during the recompute, not FP8). Compared
     with the unpreempted run, not the reference: over 36 bf16 steps a decision lane near the
     threshold may flip against the fp32 reference (seen: 1.1 in both runs alike)."""
-    from vllm_dms.arena import spec_page_bytes
+    from vllm_dms.engine.arena import spec_page_bytes
     ps = [random_prompts(1, n, seed=n)[0] for n in (90, 100, 80, 110)]
     layer = spec_page_bytes(2, 16, 16)  # one block of the fixture: 2 KV heads of 16
     kw = dict(block_size=16, max_model_len=160)

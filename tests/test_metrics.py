@@ -26,12 +26,12 @@ from vllm.v1.metrics.loggers import (LoggingStatLogger, PrometheusStatLogger,  #
 from vllm.v1.metrics.stats import SchedulerStats  # noqa: E402
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder  # noqa: E402
 
-from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR  # noqa: E402
-from vllm_dms.runtime import WorkerLink  # noqa: E402
-from vllm_dms.config import DMSConfig  # noqa: E402
-from vllm_dms.kernels.arena_ops import arena_state  # noqa: E402
-from vllm_dms.metrics import GAUGES, DMSPrometheusStatLogger, take_dms_stats  # noqa: E402
-from vllm_dms.scheduler import METRICS_ENV, STATS_KEY  # noqa: E402
+from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR  # noqa: E402
+from vllm_dms.worker.runtime import WorkerLink  # noqa: E402
+from vllm_dms.engine.config import DMSConfig  # noqa: E402
+from vllm_dms.worker.kernels.arena_ops import arena_state  # noqa: E402
+from vllm_dms.engine.metrics import GAUGES, DMSPrometheusStatLogger, take_dms_stats  # noqa: E402
+from vllm_dms.engine.scheduler import METRICS_ENV, STATS_KEY  # noqa: E402
 
 H, G, D, P, W, L, S, BLOCKS, MAX_LEN = 2, 2, 32, 16, 4, 2, 4, 40, 128
 NAMES = {f"vllm:dms_{k}" for k in GAUGES}
@@ -58,8 +58,8 @@ class ArenaWorker:
     """The DMS worker on CPU: real arenas, DMSRuntime and the backend impl (store + attend)."""
 
     def __init__(self, layout, seed=0):
-        from vllm_dms.backend import DMSCompactAttentionImpl
-        from vllm_dms.runtime import DMSRuntime
+        from vllm_dms.worker.backend import DMSCompactAttentionImpl
+        from vllm_dms.worker.runtime import DMSRuntime
         self.layout, self.names = layout, [f"l{i}" for i in range(L)]
         self.kvs = [torch.zeros(layout.num_blocks, layout.page_bytes, dtype=torch.uint8)
                     for _ in range(L)]
@@ -86,7 +86,7 @@ class ArenaWorker:
         return self.seq[rid]
 
     def step(self, sched, out):
-        from vllm_dms.backend import DMSMetadata
+        from vllm_dms.worker.backend import DMSMetadata
         self.link.receive(getattr(out, ORDERS_ATTR))  # releases before the forward
         for r in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(r, None)

@@ -17,8 +17,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 
-from vllm_dms.channel import COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR
-from vllm_dms.runtime import WorkerLink
+from vllm_dms.engine.channel import COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR
+from vllm_dms.worker.runtime import WorkerLink
 
 LAYERS, SEQS, MAX_LEN, W = 16, 4, 512, 16
 
@@ -308,9 +308,9 @@ class KernelWorker:
     prompt's prefix state is the same whichever request computed it."""
 
     def __init__(self, lay, layers=2, H=2, G=2, D=32, vocab=64, max_len=128):
-        from vllm_dms.backend import DMSCompactAttentionImpl
-        from vllm_dms.config import DMSConfig
-        from vllm_dms.runtime import DMSRuntime
+        from vllm_dms.worker.backend import DMSCompactAttentionImpl
+        from vllm_dms.engine.config import DMSConfig
+        from vllm_dms.worker.runtime import DMSRuntime
         self.lay, self.H, self.G, self.D = lay, H, G, D
         self.names = [f"l{i}" for i in range(layers)]
         self.kvs = [torch.zeros(lay.num_blocks, lay.page_bytes, dtype=torch.uint8)
@@ -331,7 +331,7 @@ class KernelWorker:
         self.vocab, self.slot, self.outs, self.rows_after_first = vocab, {}, {}, {}
 
     def step(self, sched, out):
-        from vllm_dms.backend import DMSMetadata
+        from vllm_dms.worker.backend import DMSMetadata
         self.link.receive(getattr(out, ORDERS_ATTR))  # releases, forks: before the forward
         orders = self.link.take_snapshots()
         S1, i32 = self.lay.num_slots, dict(dtype=torch.int32)
@@ -375,7 +375,7 @@ class KernelWorker:
         return mro
 
     def rows(self, slot):
-        from vllm_dms.kernels.arena_ops import arena_read_row
+        from vllm_dms.worker.kernels.arena_ops import arena_read_row
         return [[(arena_read_row(kv, self.lay, slot, h)["pos"].sort().values,
                   arena_read_row(kv, self.lay, slot, h)["flag"][
                       arena_read_row(kv, self.lay, slot, h)["pos"].argsort()])

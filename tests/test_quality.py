@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vllm_dms.config import DMSConfig
-from vllm_dms.quality import (DMS_FP8_KEYS, ROW_KEYS, base_ppl, compression, greedy_cached,
-                              logit_stats, make_prompts, make_row, make_windows, merge_rows,
-                              score_dms_fp8, score_reference)
-from vllm_dms.quality_vllm import VllmScores, WindowLogprobs, topk_of
-from vllm_dms.reference import greedy_generate_reference, live_counts, reference_forward
+from vllm_dms.engine.config import DMSConfig
+from vllm_dms.tools.quality import (DMS_FP8_KEYS, ROW_KEYS, base_ppl, compression, greedy_cached,
+                                    logit_stats, make_prompts, make_row, make_windows, merge_rows,
+                                    score_dms_fp8, score_reference)
+from vllm_dms.tools.quality_vllm import VllmScores, WindowLogprobs, topk_of
+from vllm_dms.tools.reference import greedy_generate_reference, live_counts, reference_forward
 
 VOCAB = 83
 
@@ -169,8 +169,8 @@ def test_dms_fp8_compression_source(model):
 def test_evaluate_dms_fp8_row(model, tmp_path, monkeypatch):
     import transformers
 
-    from vllm_dms import quality
-    from vllm_dms.checkpoints import add_dms_fields
+    from vllm_dms.tools import quality
+    from vllm_dms.tools.checkpoints import add_dms_fields
     src = str(tmp_path / "plain")
     model.save_pretrained(src)
     ckpt = add_dms_fields(src, str(tmp_path / "dms"), window=3)
@@ -200,8 +200,8 @@ def test_evaluate_dms_fp8_row(model, tmp_path, monkeypatch):
 
 
 def test_cli_eval_dms_fp8_wiring(tmp_path, monkeypatch):
-    from vllm_dms import quality
-    from vllm_dms.cli import main
+    from vllm_dms.tools import quality
+    from vllm_dms.tools.cli import main
     seen = {}
 
     def fake_evaluate(model_dir, **kw):

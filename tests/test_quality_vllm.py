@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_dms import quality_vllm as qv
-from vllm_dms.quality_vllm import (TAIL_FLOOR, WindowLogprobs, engine_args, kl_topk, score_vllm,
-                                   summarize, token_matches, topk_of, window_logprobs,
-                                   window_stats)
+from vllm_dms.tools import quality_vllm as qv
+from vllm_dms.tools.quality_vllm import (TAIL_FLOOR, WindowLogprobs, engine_args, kl_topk, score_vllm,
+                                         summarize, token_matches, topk_of, window_logprobs,
+                                         window_stats)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,8 +201,8 @@ def test_score_vllm_plumbing_with_a_fake_engine(monkeypatch, read_live):
 
 
 def test_arena_live_reads_the_released_slot_in_layer_order(monkeypatch):
-    from vllm_dms import runtime
-    from vllm_dms.kernels import arena_ops
+    from vllm_dms.worker import runtime
+    from vllm_dms.worker.kernels import arena_ops
     rows = {"l0": torch.tensor([[9, 9], [4, 5]]), "l1": torch.tensor([[9, 9], [6, 7]])}
     kv = {name: NS(kv_cache=NS(view=lambda _, n=name: n)) for name in rows}
     mgr = NS(link=NS(release=[0, 1]))  # the scheduler's releases not yet sent: rows intact
@@ -226,7 +226,7 @@ def test_dms_fp8_agrees_with_the_reference_on_the_shipped_checkpoint(tmp_path):
     """`vllm-dms eval smollm2-trained --path dms_fp8` in a fresh interpreter (the engine's
     plugin and CUDA state are per process); needs alice29.txt ($VLLM_DMS_TEXT_DIR offline)."""
     out = tmp_path / "q.json"
-    cmd = [sys.executable, "-m", "vllm_dms.cli", "eval", "smollm2-trained", "--path", "dms_fp8",
+    cmd = [sys.executable, "-m", "vllm_dms.tools.cli", "eval", "smollm2-trained", "--path", "dms_fp8",
            "--windows", "2", "--window-len", "512", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO, timeout=900)
     (row,) = json.load(open(out))

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from vllm_dms.config import DMSConfig
-from vllm_dms.reference import (borrowed_heads, dms_attention_reference, dms_mask, fp8_roundtrip,
-                                greedy_generate_reference, live_counts, reference_forward,
-                                shifted_flags)
+from vllm_dms.engine.config import DMSConfig
+from vllm_dms.tools.reference import (borrowed_heads, dms_attention_reference, dms_mask, fp8_roundtrip,
+                                      greedy_generate_reference, live_counts, reference_forward,
+                                      shifted_flags)
 
 VOCAB = 97
 

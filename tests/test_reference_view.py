@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_reference import dms_for, ids_of, tiny_qwen3
-from vllm_dms.reference import reference_forward
-from vllm_dms.reference_view import reference_view
+from vllm_dms.tools.reference import reference_forward
+from vllm_dms.tools.reference_view import reference_view
 
 PAD = 64  # vLLM pads the vocabulary; the view must drop these rows
 

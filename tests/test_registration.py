@@ -107,10 +107,10 @@ def test_selector_literal_rebound(registered):
 
 def test_backend_and_models_registered_lazily(registered):
     out, _ = registered
-    assert out["backend"] == "vllm_dms.backend.DMSCompactAttentionBackend"
+    assert out["backend"] == "vllm_dms.worker.backend.DMSCompactAttentionBackend"
     assert out["models"] == {
-        "DMSLlamaForCausalLM": "vllm_dms.models.llama:DMSLlamaForCausalLM",
-        "DMSQwen3ForCausalLM": "vllm_dms.models.qwen3:DMSQwen3ForCausalLM"}
+        "DMSLlamaForCausalLM": "vllm_dms.worker.models.llama:DMSLlamaForCausalLM",
+        "DMSQwen3ForCausalLM": "vllm_dms.worker.models.qwen3:DMSQwen3ForCausalLM"}
 
 
 def test_register_twice_is_noop(registered):

@@ -158,7 +158,7 @@ class SimWorker:
     each step reports its rows (n_done, pages_max, 0, tag) on the ModelRunnerOutput."""
 
     def __init__(self, mgr, live_fn, report=lambda rid: True):
-        from vllm_dms.channel import COLS, INVALID
+        from vllm_dms.engine.channel import COLS, INVALID
         self.mgr, self.layout, self.live_fn, self.report = mgr, mgr.layout, live_fn, report
         self.slot: dict[str, int] = {}
         self.tag: dict[str, int] = {}  # owner tag decoded from the block id
@@ -168,7 +168,7 @@ class SimWorker:
         self.rows[:, 0] = INVALID
 
     def step(self, sched, out) -> ModelRunnerOutput:
-        from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR
+        from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
         drained = getattr(out, ORDERS_ATTR).release
         self.released += drained
         gone = out.finished_req_ids | out.preempted_req_ids
@@ -228,7 +228,7 @@ def drive(sched, step_fn, max_steps: int, on_step=None) -> int:
 # ---------------------------------------------------------------------------- DMS fixtures
 @pytest.fixture(scope="module")
 def dms():
-    from vllm_dms import scheduler, spec
+    from vllm_dms.engine import scheduler, spec
     spec.register_spec()
     yield spec, scheduler
 
@@ -300,7 +300,7 @@ def test_arena_that_cannot_hold_max_model_len_is_refused_at_startup(dms, llama_d
     """So no request can never fit after startup (tests/test_validation.py: per-request refusals,
     FINISHED_ERROR while the others are served)."""
     spec_mod, sched_mod = dms
-    from vllm_dms.config import DMSConfigError
+    from vllm_dms.engine.config import DMSConfigError
     vc = make_vllm_config(llama_dir, max_num_seqs=8, max_num_batched_tokens=512,
                           max_model_len=4096)
     dspec = dms_spec(spec_mod, max_num_seqs=8)

@@ -16,9 +16,9 @@ MARGIN = 0.02  # logits gap below which bf16 vs fp32 may legitimately pick the o
 
 @pytest.fixture(autouse=True)
 def _dms(monkeypatch):
-    from vllm_dms import spec
+    from vllm_dms.engine import spec
     spec.register_spec()
-    monkeypatch.setattr("vllm_dms.runtime.DECODE_SPLITS", 2)  # interpreter time; split-K has its own tests
+    monkeypatch.setattr("vllm_dms.worker.runtime.DECODE_SPLITS", 2)  # interpreter time; split-K has its own tests
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def prompts_of(lengths, seed):
 
 def reference_live(model: SimModel, seq: list[int]) -> int:
     """Keys visible to the last query, summed over layers and kv heads (the arena's live count)."""
-    from vllm_dms.reference import live_counts, shifted_flags
+    from vllm_dms.tools.reference import live_counts, shifted_flags
     dms, G, D, total = model.dms, model.dms.group, model.dms.head_dim, []
 
     def attend(li, q, k, v):

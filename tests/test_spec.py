@@ -16,7 +16,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, TQFullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import _REGISTRY_KVCACHESPEC_LIST, KVCacheSpecRegistry
 
-from vllm_dms.arena import ArenaLayout, spec_page_bytes
+from vllm_dms.engine.arena import ArenaLayout, spec_page_bytes
 
 L, H, D, P, W, MAX_LEN = 16, 8, 64, 16, 256, 8320
 

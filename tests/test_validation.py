@@ -1,4 +1,4 @@
-"""Request validation for dms_fp8 (vllm_dms.validation), CPU only, no HTTP server.
+"""Request validation for dms_fp8 (vllm_dms.engine.validation), CPU only, no HTTP server.
 
 The HTTP status is what vLLM's OpenAI server would answer: its exception handlers
 (vllm/entrypoints/serve/utils/server_utils.py) are called on the exception each path raises.
@@ -24,9 +24,9 @@ import pytest  # noqa: E402
 from vllm.utils.math_utils import cdiv  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
-from vllm_dms.arena import ArenaLayout  # noqa: E402
-from vllm_dms.config import DMSConfigError  # noqa: E402
-from vllm_dms.validation import request_problem  # noqa: E402
+from vllm_dms.engine.arena import ArenaLayout  # noqa: E402
+from vllm_dms.engine.config import DMSConfigError  # noqa: E402
+from vllm_dms.engine.validation import request_problem  # noqa: E402
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 RESULT = "DMS_TEST_RESULT="
@@ -159,7 +159,7 @@ out = {
     "empty": run(dms, []), "too_long": run(dms, [1] * 300),
     "dense_oov": run(dense, [1, 2, 1024]),
 }
-from vllm_dms.validation import install_frontend_check
+from vllm_dms.engine.validation import install_frontend_check
 before = InputProcessor.process_inputs
 install_frontend_check()
 out["wrapped_once"] = InputProcessor.process_inputs is before

@@ -9,14 +9,14 @@ from __future__ import annotations
 from vllm_dms.version import REQUIRED_VLLM, __version__
 
 DMS_DTYPE = "dms_fp8"
-BACKEND_PATH = "vllm_dms.backend.DMSCompactAttentionBackend"
-SCHEDULER_PATH = "vllm_dms.scheduler.DMSScheduler"
-ASYNC_SCHEDULER_PATH = "vllm_dms.scheduler.DMSAsyncScheduler"  # with --async-scheduling
+BACKEND_PATH = "vllm_dms.worker.backend.DMSCompactAttentionBackend"
+SCHEDULER_PATH = "vllm_dms.engine.scheduler.DMSScheduler"
+ASYNC_SCHEDULER_PATH = "vllm_dms.engine.scheduler.DMSAsyncScheduler"  # with --async-scheduling
 # DMSConfig.arch -> architecture name we route DMS checkpoints to.
 DMS_ARCHITECTURES = {"llama": "DMSLlamaForCausalLM", "qwen3": "DMSQwen3ForCausalLM"}
 MODEL_CLASSES = {
-    "DMSLlamaForCausalLM": "vllm_dms.models.llama:DMSLlamaForCausalLM",
-    "DMSQwen3ForCausalLM": "vllm_dms.models.qwen3:DMSQwen3ForCausalLM",
+    "DMSLlamaForCausalLM": "vllm_dms.worker.models.llama:DMSLlamaForCausalLM",
+    "DMSQwen3ForCausalLM": "vllm_dms.worker.models.qwen3:DMSQwen3ForCausalLM",
 }
 LOGGER_NAME = "vllm.dms"  # a child of "vllm" so vLLM's handler, format and level apply
 
@@ -56,6 +56,6 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     for arch, path in MODEL_CLASSES.items():
         ModelRegistry.register_model(arch, path)  # lazy "module:Class": no import here
-    from vllm_dms.spec import register_spec
+    from vllm_dms.engine.spec import register_spec
 
     register_spec()

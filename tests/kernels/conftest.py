@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402,F401  (after TRITON_INTERPRET)
 
-from vllm_dms.arena import ArenaLayout, cdiv  # noqa: E402
-from vllm_dms.kernels.arena_ops import arena_init, arena_state  # noqa: E402
+from vllm_dms.engine.arena import ArenaLayout, cdiv  # noqa: E402
+from vllm_dms.worker.kernels.arena_ops import arena_init, arena_state  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -4,13 +4,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_dms.arena import ArenaLayout, cdiv
-from vllm_dms.kernels.arena_ops import (_load_kv, _to_store, arena_read_row, arena_state,
-                                        dms_prefill_pack,
-                                        dms_release)
-from vllm_dms.reference import dms_mask, live_counts, shifted_flags
+from vllm_dms.engine.arena import ArenaLayout, cdiv
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_release
+from vllm_dms.worker.kernels.common import _load_kv, _to_store
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.tools.reference import dms_mask, live_counts, shifted_flags
 
-AO = "vllm_dms.kernels.arena_ops"
+AO = "vllm_dms.worker.kernels.arena_ops"
 
 
 def to_bits(x: torch.Tensor, elem: int) -> torch.Tensor:
@@ -194,9 +194,9 @@ def test_arena_kernels_compile_sm90(compile_sm90):
     specs = []
     for P, D, E in [(16, 128, 1), (16, 96, 2)]:
         for has_live in (False, True):
-            specs.append(("vllm_dms.kernels.pack", "_reserve_kernel", dict(ptr), dict(
+            specs.append(("vllm_dms.worker.kernels.pack", "_reserve_kernel", dict(ptr), dict(
                 P=P, BLOCK_PG=64, HAS_LIVE=has_live, HAS_LENS=has_live)))
-            specs.append(("vllm_dms.kernels.pack", "_scatter_kernel", dict(ptr), dict(
+            specs.append(("vllm_dms.worker.kernels.pack", "_scatter_kernel", dict(ptr), dict(
                 P=P, D=D, ELEM=E, BLOCK_T=64, BLOCK_D=triton_np2(D), HAS_LENS=has_live)))
             for shift in (0, 1):  # decisions as bools (shift 0) or from bf16 carrier lanes
                 dec = {"dec": "*bf16" if shift else "*u8", "a_scale": "fp32", "a_offset": "fp32"}

@@ -1,4 +1,4 @@
-"""Chunked prefill over the compact arena == one-shot prefill (vllm_dms/kernels/chunked.py).
+"""Chunked prefill over the compact arena == one-shot prefill (vllm_dms/worker/kernels/chunked.py).
 
 Every request's prompt is fed in chunks (first chunks through the first-chunk kernels, the rest
 through dms_chunk_*, as the backend routes them), several requests per launch. After every chunk
@@ -14,15 +14,15 @@ fp32 summation order, may differ) and within the tolerance above of the referenc
 import pytest
 import torch
 
-from vllm_dms.arena import cdiv
-from vllm_dms.kernels.arena_ops import (arena_read_row, arena_state, dms_decode_store,
-                                        dms_prefill_pack)
-from vllm_dms.kernels.chunked import dms_chunk_attention, dms_chunk_flag_prev, dms_chunk_pack
-from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
-from vllm_dms.reference import dms_attention_reference, dms_mask, shifted_flags
+from vllm_dms.engine.arena import cdiv
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_decode_store
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.worker.kernels.chunked import dms_chunk_attention, dms_chunk_flag_prev, dms_chunk_pack
+from vllm_dms.worker.kernels.decode import decode_workspace, dms_decode_attention
+from vllm_dms.tools.reference import dms_attention_reference, dms_mask, shifted_flags
 
 ATOL, RTOL = 2e-2, 1e-2
-CK = "vllm_dms.kernels.chunked"
+CK = "vllm_dms.worker.kernels.chunked"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

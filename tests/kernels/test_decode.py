@@ -9,11 +9,11 @@ store dtype (FP8 e4m3 or bf16). Tolerance for both stores: max abs err <= 2e-2 a
 import pytest
 import torch
 
-from vllm_dms.arena import cdiv
-from vllm_dms.kernels.arena_ops import (arena_read_row, arena_state, dms_decode_store,
-                                        dms_prefill_pack, dms_release)
-from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
-from vllm_dms.reference import dms_attention_reference, dms_mask, shifted_flags
+from vllm_dms.engine.arena import cdiv
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_decode_store, dms_release
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.worker.kernels.decode import decode_workspace, dms_decode_attention
+from vllm_dms.tools.reference import dms_attention_reference, dms_mask, shifted_flags
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -151,7 +151,7 @@ def test_decode_mixed_arrivals_and_splits(kit, device, carrier):
 
 def test_store_decides_from_lane_exactly_as_config(kit, device):
     """In-kernel decision == DMSConfig.decisions_from_lane, also exactly at the threshold."""
-    from vllm_dms.config import DMSConfig
+    from vllm_dms.engine.config import DMSConfig
     H, S = 8, 6
     lay = kit.make_layout(H=H, D=16, P=4, W=2, S=S, max_len=8)
     kv = kit.new_arena(lay, device)
@@ -209,7 +209,7 @@ def test_decode_overflow(kit, device):
 def test_decode_compiles_sm90(compile_sm90):
     ptr = {"q_ptr": "*bf16", "out_ptr": "*bf16", "arena": "*i32", "slots": "*i32",
            "ws_acc": "*fp32", "ws_m": "*fp32", "ws_l": "*fp32", "qk_scale": "fp32"}
-    mod, specs = "vllm_dms.kernels.decode", []
+    mod, specs = "vllm_dms.worker.kernels.decode", []
     for G, D, E, bn in [(3, 128, 1, 64), (4, 96, 2, 64)]:
         specs.append((mod, "_decode_split_kernel", ptr, dict(
             G=G, GP=16, P=16, D=D, ELEM=E, BLOCK_N=bn, BLOCK_D=1 << (D - 1).bit_length(),
@@ -339,7 +339,7 @@ def test_decode_store_overflow_concurrent(kit):
 def test_decode_split_rule_and_workspace_views():
     """~256 programs per launch (benchmarks/kernel_bench.py sweep): 16 at c=1, 4 at c=8, 2 from
     c=32 on; never above the workspace's split count; views are contiguous and disjoint-free."""
-    from vllm_dms.kernels.decode import decode_splits, workspace_for
+    from vllm_dms.worker.kernels.decode import decode_splits, workspace_for
     assert [decode_splits(c, 8, 16) for c in (1, 2, 4, 8, 16, 32, 256)] == [16, 16, 8, 4, 2, 2, 2]
     assert decode_splits(1, 1, 8) == 8 and decode_splits(64, 8, 1) == 1
     ws = decode_workspace(32, 12, 16, 16, "cpu")

@@ -3,12 +3,12 @@ and the two continue identically under the same decode steps."""
 import pytest
 import torch
 
-from vllm_dms.arena import cdiv
-from vllm_dms.kernels.arena_ops import (arena_read_row, arena_state, dms_decode_store,
-                                        dms_prefill_pack, dms_release)
-from vllm_dms.kernels.decode import decode_workspace, dms_decode_attention
-from vllm_dms.kernels.fork import dms_fork_rows
-from vllm_dms.reference import shifted_flags
+from vllm_dms.engine.arena import cdiv
+from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_decode_store, dms_release
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.worker.kernels.decode import decode_workspace, dms_decode_attention
+from vllm_dms.worker.kernels.fork import dms_fork_rows
+from vllm_dms.tools.reference import shifted_flags
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -42,7 +42,7 @@ def rows_equal(kv, lay, a, b):
 
 def continue_chunk(kv, lay, k, d, shift, L, n, slot, lp, ov):
     """Prefill tokens [L, n) as a continuation chunk of rows (slot) holding tokens [0, L)."""
-    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    from vllm_dms.worker.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
     i32 = dict(dtype=torch.int32, device=kv.device)
     n0, s = torch.tensor([L], **i32), torch.tensor([slot], **i32)
     if shift == 1:  # the decision at L flags token L-1, pending until now
@@ -119,7 +119,7 @@ def test_fork_without_room_raises_overflow_and_leaves_row_empty(kit, device):
 
 
 def test_fork_compiles_sm90(compile_sm90):
-    mod = "vllm_dms.kernels.fork"
+    mod = "vllm_dms.worker.kernels.fork"
     ptr = {n: "*i32" for n in "arena src dst layer_pages live overflow".split()}
     compile_sm90([(mod, "_reserve_kernel", ptr, dict(P=64, BLOCK_PG=64, BLOCK_W=512,
                                                      HAS_LIVE=True)),
@@ -133,7 +133,7 @@ def test_prefix_snapshot_fork_then_continue_equals_one_shot(kit, device, shift, 
     """The prefix-cache path at kernel level: the rows of a prefix of L tokens, forked into a
     new slot and continued with the rest of the prompt as a chunk, equal one-shot prefill rows
     of the whole prompt (positions, flags, K/V); the snapshot itself is left untouched."""
-    from vllm_dms.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
+    from vllm_dms.worker.kernels.chunked import dms_chunk_flag_prev, dms_chunk_pack
     H, D, P, W, n = 2, 16, 4, 3, 30
     g = torch.Generator().manual_seed(7 + L + shift)
     lay = kit.make_layout(H=H, D=D, P=P, W=W, S=6, max_len=64)
@@ -171,7 +171,7 @@ def test_prefix_snapshot_fork_then_continue_equals_one_shot(kit, device, shift, 
 
 @pytest.mark.parametrize("shift", [0, 1])
 def test_decoded_rows_then_continuation_equals_one_shot(kit, device, shift):
-    """The prefix-reuse hit path (vllm_dms.prefix_cache): a request prefills L0 tokens and
+    """The prefix-reuse hit path (vllm_dms.engine.prefix_cache): a request prefills L0 tokens and
     decodes up to L; a follow-up prompt takes its rows and prefills [L, n) as a continuation
     chunk. The rows equal a one-shot prefill of all n tokens (positions, flags, K/V)."""
     H, D, P, W, L0, L, n = 2, 16, 4, 3, 11, 19, 33

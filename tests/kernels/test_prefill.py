@@ -6,8 +6,8 @@ max abs err <= 2e-2 and ||out - ref|| / ||ref|| < 1e-2.
 import pytest
 import torch
 
-from vllm_dms.kernels.prefill import dms_prefill_attention
-from vllm_dms.reference import dms_attention_reference, shifted_flags
+from vllm_dms.worker.kernels.prefill import dms_prefill_attention
+from vllm_dms.tools.reference import dms_attention_reference, shifted_flags
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -82,7 +82,7 @@ def test_prefill_compiles_sm90(compile_sm90):
     ptr.update(flags="*u8", cu="*i32", surv="*i32", cum="*i32", qk_scale="fp32")
     specs = []
     for G, D, br, bn in [(3, 128, 64, 64), (8, 256, 64, 32)]:
-        specs.append(("vllm_dms.kernels.prefill", "_prefill_attn_kernel", ptr,
+        specs.append(("vllm_dms.worker.kernels.prefill", "_prefill_attn_kernel", ptr,
                       dict(G=G, TM=br // G, D=D, BLOCK_R=br, BLOCK_N=bn, BLOCK_D=D,
                            F32=False, CARRIER=G == 3)))
     compile_sm90(specs)
@@ -100,7 +100,7 @@ def test_prefill_gpu_matrix(G, D, W, shift):
 
 
 def test_survivor_index_lists_unflagged_keys_per_head():
-    from vllm_dms.kernels.prefill import survivor_index
+    from vllm_dms.worker.kernels.prefill import survivor_index
     g = torch.Generator().manual_seed(4)
     flags = torch.rand(37, 3, generator=g) < 0.7
     surv, cum = survivor_index(flags)

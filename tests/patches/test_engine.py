@@ -187,8 +187,8 @@ def test_dms_fp8_config(runs):
         assert c["prefix"] is True and c["chunked"] is True  # vLLM's defaults, as stock
         assert c["mnbt"] == ok(runs[0]["plain_auto"])["mnbt"]  # vLLM's token budget, not raised
         # async scheduling is vLLM's call (its CPU platform turns it off); the scheduler follows
-        assert c["sched_cls"] == ("vllm_dms.scheduler.DMSAsyncScheduler" if c["async_"]
-                                  else "vllm_dms.scheduler.DMSScheduler")
+        assert c["sched_cls"] == ("vllm_dms.engine.scheduler.DMSAsyncScheduler" if c["async_"]
+                                  else "vllm_dms.engine.scheduler.DMSScheduler")
         assert c["archs"] == [arch] and c["hf_archs"] == [arch]
 
 
@@ -219,13 +219,13 @@ def test_token_budget_raised_to_max_model_len_when_default(runs):
 @pytest.mark.parametrize("name", ["prefix_caching", "cli_prefix"])
 def test_explicit_prefix_caching_is_accepted(runs, name):
     c = ok(runs[0][name])  # opt-in: finished requests' rows are reused whole (prefix_cache)
-    assert c["prefix"] is True and c["sched_cls"].startswith("vllm_dms.scheduler.DMS")
+    assert c["prefix"] is True and c["sched_cls"].startswith("vllm_dms.engine.scheduler.DMS")
 
 
 def test_explicit_chunked_prefill_is_accepted_with_a_small_budget(runs):
     c = ok(runs[0]["chunked_prefill"])  # opt-in: the continuation-chunk kernels take over
     assert c["chunked"] is True and c["mnbt"] == 512 < c["max_model_len"]
-    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS") and c["prefix"] is True
+    assert c["sched_cls"].startswith("vllm_dms.engine.scheduler.DMS") and c["prefix"] is True
 
 
 def test_small_budget_is_accepted_with_chunked_prefill_by_default(runs):
@@ -267,8 +267,8 @@ def test_explicit_unsupported_flag_rejected(runs, name, flag):
 
 @pytest.mark.parametrize("name", ["tp2", "cli_tp2", "mp"])
 def test_tensor_parallelism_and_the_mp_executor_are_accepted(runs, name):
-    c = ok(runs[0][name])  # rank-local KV heads (vllm_dms.tp); tests/test_cpu_executors.py
-    assert c["sched_cls"].startswith("vllm_dms.scheduler.DMS")
+    c = ok(runs[0][name])  # rank-local KV heads (vllm_dms.engine.tp); tests/test_cpu_executors.py
+    assert c["sched_cls"].startswith("vllm_dms.engine.scheduler.DMS")
 
 
 @pytest.mark.parametrize("name", ["async", "cli_async"])
@@ -277,14 +277,14 @@ def test_explicit_async_scheduling_is_accepted(runs, name):
     assert c["prefix"] is True and c["chunked"] is True
     # vLLM's CPU platform turns async off again here; the scheduler follows what vLLM resolved.
     want = "DMSAsyncScheduler" if c["async_"] else "DMSScheduler"
-    assert c["sched_cls"] == f"vllm_dms.scheduler.{want}"
+    assert c["sched_cls"] == f"vllm_dms.engine.scheduler.{want}"
 
 
 @pytest.mark.parametrize("async_, cls", [(True, "DMSAsyncScheduler"), (False, "DMSScheduler")])
 def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch, async_, cls):
     from types import SimpleNamespace as NS
 
-    from vllm_dms import validation
+    from vllm_dms.engine import validation
     from vllm_dms.patches import engine
     monkeypatch.setattr(validation, "install_frontend_check", lambda: None)
     sc = NS(enable_chunked_prefill=False, async_scheduling=async_, max_num_batched_tokens=4096,
@@ -294,8 +294,8 @@ def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch
             model_config=NS(max_model_len=4096, architectures=["DMSLlamaForCausalLM"],
                             dtype="torch.bfloat16"))
     engine._finish_dms(vc)
-    assert sc.scheduler_cls == f"vllm_dms.scheduler.{cls}"
-    from vllm_dms import scheduler
+    assert sc.scheduler_cls == f"vllm_dms.engine.scheduler.{cls}"
+    from vllm_dms.engine import scheduler
     assert issubclass(getattr(scheduler, cls), scheduler.DMSSchedulerMixin)
 
 
@@ -303,7 +303,7 @@ def test_finish_selects_the_scheduler_for_the_resolved_async_setting(monkeypatch
 def test_finish_refuses_a_dtype_vllm_resolved_to_other_than_bf16(monkeypatch, dtype):
     from types import SimpleNamespace as NS
 
-    from vllm_dms.config import DMSConfigError
+    from vllm_dms.engine.config import DMSConfigError
     from vllm_dms.patches import engine
     vc = NS(scheduler_config=NS(), cache_config=NS(), model_config=NS(dtype=dtype))
     want = r"^--dtype auto \(resolved by vLLM to float.*bfloat16 only"

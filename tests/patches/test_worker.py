@@ -10,11 +10,11 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-from vllm_dms.arena import ArenaLayout
-from vllm_dms.channel import FEEDBACK_ATTR, ORDERS_ATTR, StepOrders
-from vllm_dms.config import DMSConfig
+from vllm_dms.engine.arena import ArenaLayout
+from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR, StepOrders
+from vllm_dms.engine.config import DMSConfig
 from vllm_dms.patches import worker as patch
-from vllm_dms.runtime import DMSRuntime, worker_link
+from vllm_dms.worker.runtime import DMSRuntime, worker_link
 
 NS = types.SimpleNamespace
 

@@ -6,7 +6,7 @@ As in tests/patches/test_engine.py, the DMS architectures are pointed at vLLM's 
 (config plumbing only: ModelConfig inspects the routed class).
 
 A scenario is {"name", "kwargs" (EngineArgs), "probe" (optional)}; probes:
-* "dms_config": what the DMS model's __init__ does first (vllm_dms.models.transform.dms_mode);
+* "dms_config": what the DMS model's __init__ does first (vllm_dms.worker.models.transform.dms_mode);
 * "kv_blocks": num_blocks / groups vLLM's get_kv_cache_configs gives a dense spec.
 """
 import json
@@ -36,7 +36,7 @@ logging.getLogger("vllm.dms").addHandler(Grab())
 
 def probe(kind, c):
     if kind == "dms_config":
-        from vllm_dms.models.transform import dms_mode
+        from vllm_dms.worker.models.transform import dms_mode
         dms, compact = dms_mode(c)
         return {"window": dms.window, "compact": compact}
     if kind == "kv_blocks":

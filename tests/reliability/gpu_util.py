@@ -1,7 +1,7 @@
 """Helpers for the GPU reliability tests (test_gpu_offline.py, test_gpu_server.py).
 
 Checkpoint: a random-weight Llama with DMS fields built by benchmarks/make_random_llama.py
-(tokenizer from $VLLM_DMS_TOKENIZER_DIR, else SmolLM2's from vllm_dms.checkpoints), plus a
+(tokenizer from $VLLM_DMS_TOKENIZER_DIR, else SmolLM2's from vllm_dms.tools.checkpoints), plus a
 plain copy without the DMS fields. $VLLM_DMS_TEST_CKPT overrides the DMS checkpoint.
 Engines run in fresh interpreters (plugin loading and CUDA state are per process): `run_py` for
 a one-off script, `Engine` for a long-lived one that several tests (module-scoped fixtures) send
@@ -30,7 +30,7 @@ def build_checkpoints(root: str) -> tuple[str, str]:
         dms_dir = os.path.join(root, "random-llama-dms")
         tok = os.environ.get("VLLM_DMS_TOKENIZER_DIR")
         if not tok:
-            from vllm_dms.checkpoints import smollm2_base
+            from vllm_dms.tools.checkpoints import smollm2_base
             tok = smollm2_base()
         subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "make_random_llama.py"),
                         dms_dir, tok], check=True, timeout=900)
@@ -48,7 +48,7 @@ def build_checkpoints(root: str) -> tuple[str, str]:
 
 def kv_bytes_for_blocks(model_dir: str, blocks: int, block_size: int = BLOCK) -> int:
     """--kv-cache-memory-bytes that gives exactly `blocks` DMS blocks (FP8, all layers)."""
-    from vllm_dms.arena import spec_page_bytes
+    from vllm_dms.engine.arena import spec_page_bytes
     c = json.load(open(os.path.join(model_dir, "config.json")))
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     page = spec_page_bytes(c["num_key_value_heads"], hd, block_size)

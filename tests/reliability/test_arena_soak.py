@@ -11,8 +11,9 @@ import random
 
 import torch
 
-from vllm_dms.kernels.arena_ops import arena_state, dms_decode_store, dms_prefill_pack, dms_release
-from vllm_dms.reference import live_counts, shifted_flags
+from vllm_dms.worker.kernels.arena_ops import arena_state, dms_decode_store, dms_release
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.tools.reference import live_counts, shifted_flags
 
 H, D, P, W, S, MAX_LEN = 2, 16, 4, 3, 6, 40
 

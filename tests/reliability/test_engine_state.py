@@ -47,7 +47,7 @@ def test_r5_second_dms_scheduler_in_process_starts_clean(dms):
 
 
 def _builder(spec_mod, seqs, num_blocks, max_len):
-    from vllm_dms.backend import DMSMetadataBuilder
+    from vllm_dms.worker.backend import DMSMetadataBuilder
     vc = make_vllm_config(NV, max_num_seqs=seqs, max_num_batched_tokens=max_len,
                           max_model_len=max_len)
     spec = dms_spec(spec_mod, heads=H, head_dim=D, block_size=P, window=32, max_num_seqs=seqs)
@@ -60,7 +60,7 @@ def _builder(spec_mod, seqs, num_blocks, max_len):
 
 
 def test_r5_second_engine_gets_its_own_arena_runtime(dms):
-    from vllm_dms.kernels.arena_ops import arena_state
+    from vllm_dms.worker.kernels.arena_ops import arena_state
     spec_mod, _ = dms
     make1, kv1 = _builder(spec_mod, seqs=4, num_blocks=60, max_len=256)
     rt1 = make1()._ensure_runtime()
@@ -83,9 +83,9 @@ def test_r5_second_engine_gets_its_own_arena_runtime(dms):
 def test_r24_kernel_overflow_stops_the_step_loudly():
     """A kernel that hit its capacity check must fail the next step (an EngineCore error the
     server turns into 500 / an error chunk), never continue on a violated ledger."""
-    from vllm_dms.arena import ArenaLayout
-    from vllm_dms.config import DMSConfig
-    from vllm_dms.runtime import DMSRuntime
+    from vllm_dms.engine.arena import ArenaLayout
+    from vllm_dms.engine.config import DMSConfig
+    from vllm_dms.worker.runtime import DMSRuntime
     dmsc = DMSConfig(arch="llama", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=32,
                      window=4, alpha_scale=100.0, alpha_offset=5.0, decision_shift=1,
                      target_cr=None, source="test")

@@ -148,7 +148,7 @@ def test_r24_kernel_overflow_fails_the_engine_no_hang(ckpts):
         from vllm import LLM
         llm = LLM(A["model"], kv_cache_dtype="dms_fp8", **A["kw"])
         greedy(llm, A["prompts"], 8)
-        from vllm_dms.runtime import inprocess_engine
+        from vllm_dms.worker.runtime import inprocess_engine
         import torch
         with torch.inference_mode():  # the runtime's buffers are inference tensors
             inprocess_engine(llm)[1].overflow_host[0] = 1  # as if a kernel hit its capacity check

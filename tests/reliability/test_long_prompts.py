@@ -11,10 +11,11 @@ import pytest
 import torch
 from test_decode import simulate
 
-from vllm_dms.arena import ArenaLayout, cdiv
-from vllm_dms.kernels.arena_ops import arena_state, dms_decode_store, dms_prefill_pack
-from vllm_dms.kernels.prefill import dms_prefill_attention
-from vllm_dms.reference import dms_attention_reference, live_counts, shifted_flags
+from vllm_dms.engine.arena import ArenaLayout, cdiv
+from vllm_dms.worker.kernels.arena_ops import arena_state, dms_decode_store
+from vllm_dms.worker.kernels.pack import dms_prefill_pack
+from vllm_dms.worker.kernels.prefill import dms_prefill_attention
+from vllm_dms.tools.reference import dms_attention_reference, live_counts, shifted_flags
 
 H, G, D, P, W = 2, 2, 32, 4, 9  # W is not a multiple of P: window and page edges differ
 BOUNDARIES = sorted({1, P - 1, P, P + 1, 2 * P, 2 * P + 1, W, W + 1, W + 2})

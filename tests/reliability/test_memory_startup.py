@@ -13,7 +13,7 @@ import pytest
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
 
-from vllm_dms.config import DMSConfigError
+from vllm_dms.engine.config import DMSConfigError
 
 L, SEQS, MAX_LEN, P = 16, 64, 8192, 16
 

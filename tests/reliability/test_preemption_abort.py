@@ -13,8 +13,8 @@ from test_scheduler import (SimWorker, dms, dms_spec, drive, llama_dir,  # noqa:
 from vllm.v1.metrics.stats import IterationStats, LoRARequestStates, RequestStateStats
 from vllm.v1.request import RequestStatus
 
-from vllm_dms.arena import ArenaLayout
-from vllm_dms.channel import ORDERS_ATTR
+from vllm_dms.engine.arena import ArenaLayout
+from vllm_dms.engine.channel import ORDERS_ATTR
 
 L, H, D, P, W, SEQS, MAX_LEN = 2, 2, 16, 16, 32, 4, 256
 

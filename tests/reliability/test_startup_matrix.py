@@ -192,7 +192,7 @@ def test_r2_fp16_checkpoint_served_as_bf16_is_accepted(runs):
 def test_r3_dms_checkpoint_without_dms_fp8_runs_no_evict_model(runs, name, arch):
     res = runs[0][name]
     assert res["ok"]["archs"] == [arch], res
-    assert res["ok"]["sched_cls"] != "vllm_dms.scheduler.DMSScheduler"
+    assert res["ok"]["sched_cls"] != "vllm_dms.engine.scheduler.DMSScheduler"
     # what the DMS model's __init__ does first must succeed (no late failure in the worker)
     assert res.get("probe", {}).get("compact") is False, res
     assert any("no-evict" in ln for ln in res["logs"]), res["logs"]

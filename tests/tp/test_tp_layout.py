@@ -7,9 +7,9 @@ at TP=2 on vLLM's CPU platform: tests/test_cpu_executors.py; on GPUs it has not 
 """
 import pytest
 
-from vllm_dms.arena import ArenaLayout
-from vllm_dms.config import DMSConfig, DMSConfigError
-from vllm_dms.tp import rank_layout, reservation_over_ranks, shard_heads
+from vllm_dms.engine.arena import ArenaLayout
+from vllm_dms.engine.config import DMSConfig, DMSConfigError
+from vllm_dms.engine.tp import rank_layout, reservation_over_ranks, shard_heads
 
 SHAPES = {"llama-3.2-1b": (32, 8, 64, 16), "qwen3-8b": (32, 8, 128, 36)}
 
@@ -65,8 +65,8 @@ def test_reservation_covers_the_fullest_rank():
 def test_rows_combined_over_ranks_reserve_for_the_fullest_rank():
     import torch
 
-    from vllm_dms.channel import COLS
-    from vllm_dms.runtime import combine_ranks
+    from vllm_dms.engine.channel import COLS
+    from vllm_dms.worker.runtime import combine_ranks
     lay = rank_layout(ArenaLayout(num_layers=36, num_kv_heads=8, head_dim=128, block_size=64,
                                   window=512, max_num_seqs=8, max_model_len=8320,
                                   num_blocks=4096), 2)

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from vllm_dms.config import DMSConfig
-from vllm_dms.reference import dms_mask, reference_forward, shifted_flags
-from vllm_dms.training.delta import build_from_delta, load_delta, save_delta
-from vllm_dms.training.train import (BorrowedRows, logistic_noise, soft_dms_bias, student_forward,
-                                     train)
+from vllm_dms.engine.config import DMSConfig
+from vllm_dms.tools.reference import dms_mask, reference_forward, shifted_flags
+from vllm_dms.tools.training.delta import build_from_delta, load_delta, save_delta
+from vllm_dms.tools.training.train import (BorrowedRows, logistic_noise, soft_dms_bias, student_forward,
+                                           train)
 
 VOCAB = 89
 

@@ -10,7 +10,7 @@ flags fail fast with a message naming the field or flag.
   serve are rejected naming the flag; chunked prefill and prefix caching keep vLLM's defaults
   (on); one log line says what was resolved;
   afterwards ``scheduler_config.scheduler_cls`` is set to the DMS scheduler (its async variant
-  when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.validation``: HTTP 400 up front).
+  when vLLM resolved async scheduling on, its default), and this process's InputProcessor gets the DMS request checks (``vllm_dms.engine.validation``: HTTP 400 up front).
 * other dtypes, checkpoint with DMS fields: validated (no-evict rules) and routed to the DMS
   model class (no-evict mode); never served as a plain model with its decision lane live.
 * other dtypes, any other checkpoint: untouched.
@@ -23,14 +23,14 @@ from typing import Any
 
 from vllm_dms import (ASYNC_SCHEDULER_PATH, DMS_ARCHITECTURES, DMS_DTYPE, LOGGER_NAME,
                       SCHEDULER_PATH)
-from vllm_dms.config import (DMS_MODEL_DTYPE, SUPPORTED_ARCHS, DMSConfig, DMSConfigError,
-                             check_serving, dtype_refusal, has_dms_fields)
+from vllm_dms.engine.config import (DMS_MODEL_DTYPE, SUPPORTED_ARCHS, DMSConfig, DMSConfigError,
+                                    check_serving, dtype_refusal, has_dms_fields)
 from vllm_dms.patches import PatchError, require_params
 
 _EXPECTED_PARAMS = ("self", "usage_context", "headless")
 _CUSTOM = "CUSTOM"
 # (EngineArgs attribute, CLI flag, what it is): each must stay at its default (1) for DMS.
-# Tensor parallelism is served (rank-local KV heads, vllm_dms.tp) and checked in _prepare_dms.
+# Tensor parallelism is served (rank-local KV heads, vllm_dms.engine.tp) and checked in _prepare_dms.
 _PARALLEL = (("pipeline_parallel_size", "--pipeline-parallel-size", "pipeline parallelism"),
              ("data_parallel_size", "--data-parallel-size", "data parallelism"),
              ("decode_context_parallel_size", "--decode-context-parallel-size",
@@ -122,7 +122,7 @@ def _prepare_dms(args: Any) -> DMSConfig:
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else None
     dms = check_serving(args.model, overrides, args.dtype)  # the checks inspect runs too
     _reject_unsupported(args)
-    from vllm_dms.tp import shard_heads
+    from vllm_dms.engine.tp import shard_heads
     shard_heads(dms, args.tensor_parallel_size or 1)  # each KV head and its lane on one rank
     # chunked prefill, prefix caching and async scheduling: vLLM's defaults (all on); with
     # chunked prefill off and the token budget unset, vLLM raises it to >= max_model_len itself
@@ -198,7 +198,7 @@ def _finish_dms(vllm_config: Any, checkpoint: str = "", dtype: Any = "auto") -> 
         DMS_DTYPE, checkpoint, vllm_config.model_config.architectures[0], _CUSTOM,
         sc.scheduler_cls, cc.block_size, chunked, _on(cc.enable_prefix_caching),
         _on(sc.async_scheduling))
-    from vllm_dms.validation import install_frontend_check
+    from vllm_dms.engine.validation import install_frontend_check
     install_frontend_check()  # this process builds the front-end that will use this config
 
 

@@ -38,8 +38,8 @@ def apply() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         if vllm_config.cache_config.cache_dtype == "dms_fp8":
-            from vllm_dms.metrics import DMSPrometheusStatLogger
-            from vllm_dms.scheduler import METRICS_ENV
+            from vllm_dms.engine.metrics import DMSPrometheusStatLogger
+            from vllm_dms.engine.scheduler import METRICS_ENV
             os.environ[METRICS_ENV] = "1"  # the engine core spawned below inherits it
             loggers = list(kwargs.get("stat_loggers") or [])
             if DMSPrometheusStatLogger not in loggers:

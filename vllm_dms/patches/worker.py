@@ -1,4 +1,4 @@
-"""Carry the DMS step messages through vLLM's worker entry point (``vllm_dms.channel``).
+"""Carry the DMS step messages through vLLM's worker entry point (``vllm_dms.engine.channel``).
 
 ``WorkerWrapperBase`` (vllm/v1/worker/worker_base.py) is what every executor calls: the
 UniProcExecutor in the engine core, each MultiprocExecutor worker process (any TP rank), with
@@ -45,7 +45,7 @@ def _link(wrapper):
     cached = wrapper.__dict__.get(_CACHE)
     if cached is not None:
         return cached or None
-    from vllm_dms.runtime import dms_layer_names, worker_link
+    from vllm_dms.worker.runtime import dms_layer_names, worker_link
     ctx = wrapper.__dict__["vllm_config"].compilation_config.static_forward_context
     if not ctx:
         return None  # no model loaded yet: decide later
@@ -59,7 +59,7 @@ def _attach(out, link):
     from vllm.v1.outputs import (EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput,
                                  ModelRunnerOutput)
 
-    from vllm_dms.channel import FEEDBACK_ATTR
+    from vllm_dms.engine.channel import FEEDBACK_ATTR
     if out is EMPTY_MODEL_RUNNER_OUTPUT or not isinstance(
             out, (ModelRunnerOutput, AsyncModelRunnerOutput)):
         return out  # a shared singleton, None (sample next) or intermediate tensors
@@ -85,7 +85,7 @@ def apply() -> None:
     import torch
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from vllm_dms.channel import ORDERS_ATTR
+    from vllm_dms.engine.channel import ORDERS_ATTR
     original = WorkerWrapperBase.execute_model
     if getattr(original, _MARK, False):
         return
