@@ -32,8 +32,10 @@ from test_cpu_llm import random_prompts  # noqa: E402
 
 ENV = {"PYTHONPATH": f"{REPO}:{TESTS / 'cpu_site'}:{TESTS}", "VLLM_DMS_CPU_ENGINE": "1",
        "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-KW = dict(max_model_len=640, kv_cache_memory_bytes=1 << 24, block_size=16)  # 16: fine enough
-# that a 100-token prompt's measured rows take fewer blocks than its dense bound
+# block 16: fine enough that a 100-token prompt's measured rows take fewer blocks than its dense
+# bound; no prefix caching: finished rows are released (not kept as entries), which is checked
+KW = dict(max_model_len=640, kv_cache_memory_bytes=1 << 24, block_size=16,
+          enable_prefix_caching=False)
 ENGINE = """
 sys.path.insert(0, A["tests"])
 import cpu_engine
