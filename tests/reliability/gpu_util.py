@@ -144,12 +144,15 @@ class Engine:
             self.info = self._reply()
         return self
 
-    def greedy(self, prompts: list[list[int]], n: int, metrics: tuple = ()) -> dict:
+    def _job(self, **job: object) -> dict:
+        """One line of ENGINE_LOOP's protocol out, its reply back."""
         self.ready()
-        self.proc.stdin.write(json.dumps(dict(prompts=prompts, n=n, metrics=list(metrics)))
-                              + "\n")
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return self._reply()
+
+    def greedy(self, prompts: list[list[int]], n: int, metrics: tuple = ()) -> dict:
+        return self._job(prompts=prompts, n=n, metrics=list(metrics))
 
     def tokens(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         return self.greedy(prompts, n)["tokens"]
@@ -157,10 +160,7 @@ class Engine:
     def gaps(self, seqs: list[list[int]], starts: list[int]) -> list[list[float]]:
         """How far each token of seqs[i][starts[i]:] is from this engine's greedy choice
         (top-1 logprob minus the token's, 0 where it is the top-1), scored as one prompt."""
-        self.ready()
-        self.proc.stdin.write(json.dumps(dict(prompts=[], n=0, score=seqs, start=starts)) + "\n")
-        self.proc.stdin.flush()
-        return self._reply()["gaps"]
+        return self._job(prompts=[], n=0, score=seqs, start=starts)["gaps"]
 
     def metric(self, prefix: str) -> float:
         """Sum of vLLM's metrics named prefix* (needs disable_log_stats=False)."""
