@@ -134,7 +134,7 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
 
 def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         weights: str = "engine", chunk: int = 0, prompt_tokens: int = 0, compile_: bool = True,
-        gap: bool = False) -> dict:
+        gap: bool = False, gpu_util: float = 0.35, kv_bytes: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -150,7 +150,9 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     extra = {} if compile_ or eager else dict(
         compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
     llm = LLM(model_dir, kv_cache_dtype="dms_fp8", max_model_len=max_len, max_num_seqs=8,
-              gpu_memory_utilization=0.35, enforce_eager=eager, seed=0,
+              gpu_memory_utilization=gpu_util, enforce_eager=eager, seed=0,
+              # a named KV size skips vLLM's memory profile, which other GPU jobs would upset
+              **(dict(kv_cache_memory_bytes=kv_bytes) if kv_bytes else {}),
               load_format="dummy" if synthetic else "auto", enable_prefix_caching=False,
               enable_chunked_prefill=bool(chunk),
               **(dict(max_num_batched_tokens=chunk) if chunk else {}), **extra)
@@ -266,13 +268,15 @@ def main():
     ap.add_argument("--gap", action="store_true", help="explain live-count mismatches")
     ap.add_argument("--one-shot", default="",
                     help="compare tokens / live counts with this row (by name) of --out")
+    ap.add_argument("--gpu-util", type=float, default=0.35)
+    ap.add_argument("--kv-bytes", type=int, default=0, help="KV memory (0: vLLM's profile)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # arena readable in-process
     t0 = time.time()
     row = run(a.model, a.name, a.steps, a.prompts, eager=not a.graphs, weights=a.weights,
               chunk=a.chunk, prompt_tokens=a.prompt_tokens, compile_=not a.no_compile,
-              gap=a.gap)
+              gap=a.gap, gpu_util=a.gpu_util, kv_bytes=a.kv_bytes)
     row.update(commit=_commit(), date=datetime.date.today().isoformat(),
                device=torch.cuda.get_device_name(), vllm_version=_vllm_version(),
                wall_s=round(time.time() - t0, 1))

@@ -71,7 +71,7 @@ for stage in "$@"; do
           name=$base$([ $c = 0 ] || echo -chunk$c)
           extra=$([ $c = 0 ] && echo --gap || echo --chunk $c --one-shot $base)
           $T python3 benchmarks/correctness.py --model .gpu/ckpt/$m-dms-cr8 --name $name \
-            --graphs --no-compile --prompts 3 --prompt-tokens 3000 $extra \
+            --graphs --no-compile --prompts 3 --prompt-tokens 3000 $extra ${CORRECT_ARGS:-} \
             --out $OUT/correctness-chunked-$m.json 2>&1 | grep -v "^INFO\|^WARNING\|^(EngineCore" \
             | grep "first divergence\|match\|explained\|rows_\|decisions_\|Error\|error" | tail -14
         done
