@@ -175,7 +175,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         seq = ids + list(out.token_ids)
         with torch.no_grad():
             ref = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
-                                    kv_fp8_from=len(ids))
+                                    kv_fp8=True)
         P = len(ids)
         ref_tok = ref.logits[P - 1:].argmax(-1).cpu()
         gen = torch.tensor(out.token_ids)
@@ -195,7 +195,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         inj = injected_from_flags(fl, n_arena, dms.decision_shift)
         with torch.no_grad():
             ref_m = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
-                                      kv_fp8_from=len(ids), injected_decisions=inj)
+                                      kv_fp8=True, injected_decisions=inj)
         rows["m_match"] += int((ref_m.logits[P - 1:].argmax(-1).cpu() == gen).sum())
         rows["m_live_eq"] += int((ref_m.live[:, n_arena - 1].cpu() == live).sum())
         rows["m_lp_diff"] = max(rows["m_lp_diff"],
@@ -203,7 +203,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
         if gap:  # the reference's own logits given the engine's history, fp32 and bf16
             with torch.no_grad():
                 ref_16 = reference_forward(hf, dms, torch.tensor(seq[:-1], device="cuda"),
-                                           kv_fp8_from=len(ids), injected_decisions=inj,
+                                           kv_fp8=True, injected_decisions=inj,
                                            dtype=torch.bfloat16)
             s, c = dms.decision_shift, fl.shape[1]
             gap_in[0].append(ref_m.lane_logits[:, s:s + c].cpu())

@@ -2,7 +2,8 @@
 # One GPU call, several stages: bash benchmarks/gpu_session.sh STAGE [STAGE ...]
 # The whole gpu-marked test suite is three stages (JUnit XML + log each, under $OUT):
 #   suite1    gpu kernel tests at real shapes, in parallel (no vLLM needed)
-#   suite2    gpu engine tests (tests/reliability): one random Llama built once, engines in
+#   suite2    gpu engine tests (tests/reliability, or the files in $SUITE2_TESTS): one random
+#             Llama built once, engines in
 #             parallel (xdist workers; engines a test compares start together)
 #   suite3    the gpu quality test through dms_fp8 (needs smollm2 first)
 #   kernels   GPU kernel tests at real shapes (native Triton; no vLLM needed)
@@ -61,13 +62,13 @@ for stage in "$@"; do
       random_ckpt
       # the soak: server start + 120 s of aborts + drain, over the default per-test 300 s
       TEST_S=${TEST_S:-450} VLLM_DMS_TEST_CKPT=$RANDOM_CKPT VLLM_DMS_TOKENIZER_DIR=$RANDOM_CKPT \
-        suite suite2 ${SUITE_S:-480} tests/reliability -n ${NPROC:-6} --dist loadgroup ;;
+        suite suite2 ${SUITE_S:-480} ${SUITE2_TESTS:-tests/reliability} -n ${NPROC:-6} --dist loadgroup ;;
     suite3)
       suite suite3 ${SUITE_S:-300} tests/test_quality_vllm.py ;;
     correct-chunked)
       for m in ${MODELS:-llama-3.2-1b qwen3-8b}; do
         base=$m-synthetic-cr8-p3000
-        for c in 0 256 2048; do
+        for c in ${CHUNKS:-0 256 2048}; do
           name=$base$([ $c = 0 ] || echo -chunk$c)
           extra=$([ $c = 0 ] && echo --gap || echo --chunk $c --one-shot $base)
           $T python3 benchmarks/correctness.py --model .gpu/ckpt/$m-dms-cr8 --name $name \

@@ -12,7 +12,8 @@ the workload's name, ratios are taken within a workload, and a Markdown table pl
 Each engine: a real server (tests/reliability/gpu_util.Server; dummy weights for a synthetic
 checkpoint), then vLLM's own load generator (random dataset, ignore_eos), /metrics polled every
 second (peak waiting / running / kv_cache_usage_perc, the DMS gauges at mid-run), and after the
-run the server must drain to idle (usage 0). Rows go to serve-<name>-<date>.json (a list, rows of
+run the server must drain to idle (usage 0; after /reset_prefix_cache the arena back to the
+bytes in use it had before the run: `drained`). Rows go to serve-<name>-<date>.json (a list, rows of
 earlier runs of the same file kept) plus a Markdown table and the metrics excerpt.
 """
 from __future__ import annotations
@@ -104,6 +105,16 @@ def wait_idle(server: Server, timeout: float = 120) -> dict:
     return server.metrics()
 
 
+def settle(server: Server) -> dict:
+    """Empty the prefix cache, run a 1-token request (no full block: no new entry) so the DMS
+    gauges are published after it, and return the idle metrics: the arena's idle value."""
+    import requests
+    assert requests.post(server.url + "/reset_prefix_cache", timeout=60).status_code == 200
+    r = server.complete([1], max_tokens=1)
+    assert r.status_code == 200, r.text
+    return wait_idle(server)
+
+
 def run_engine(engine: str, a) -> dict:
     kv = ENGINES[engine]
     synthetic = "dms_synthetic" in json.load(open(os.path.join(a.model, "config.json")))
@@ -117,15 +128,17 @@ def run_engine(engine: str, a) -> dict:
     if a.prefix_caching is not None:
         args += ["--enable-prefix-caching" if a.prefix_caching else "--no-enable-prefix-caching"]
     t0 = time.time()
-    with Server(a.model, *args, timeout=600) as s:
+    # dev mode: /reset_prefix_cache, so that a caching run can be checked for a drained arena
+    with Server(a.model, *args, timeout=600, env={"VLLM_SERVER_DEV_MODE": "1"}) as s:
         started = time.time() - t0
-        at_start = s.metrics()  # the arena's idle value: the state region only
+        at_start = settle(s)  # the arena's idle value (state region), gauges published
         poll = Poller(s)
         poll.start()
         with tempfile.TemporaryDirectory() as tmp:
             res = bench(s, a, os.path.join(tmp, "result.json"))
         poll.stop = True
-        idle = wait_idle(s)
+        idle = wait_idle(s)  # prefix entries, if caching, still hold their rows here
+        drained = settle(s)
     row = dict(engine=engine, model=a.name, workload=a.workload, max_concurrency=a.concurrency,
                num_prompts=a.num_prompts, input_len=a.input_len, output_len=a.output_len,
                prefix_len=a.prefix_len, prefix_caching=a.prefix_caching,
@@ -143,8 +156,9 @@ def run_engine(engine: str, a) -> dict:
                peak_dms_arena_bytes_in_use=poll.peak.get("vllm:dms_arena_bytes_in_use"),
                idle_kv_cache_usage_perc=idle.get("vllm:kv_cache_usage_perc"),
                idle_dms_arena_bytes_in_use=idle.get("vllm:dms_arena_bytes_in_use"),
-               drained=(idle.get("vllm:kv_cache_usage_perc") == 0
-                        and idle.get("vllm:dms_arena_bytes_in_use")
+               drained_dms_arena_bytes_in_use=drained.get("vllm:dms_arena_bytes_in_use"),
+               drained=(drained.get("vllm:kv_cache_usage_perc") == 0
+                        and drained.get("vllm:dms_arena_bytes_in_use")
                         == at_start.get("vllm:dms_arena_bytes_in_use")),
                prefix_cache_hits=idle.get("vllm:prefix_cache_hits_total"),
                prefix_cache_queries=idle.get("vllm:prefix_cache_queries_total"),

@@ -93,14 +93,14 @@ def test_impl_prefill_then_decode_matches_reference(shift, W):
     q0[:, ::G, D - 1] = 0  # the lane is zero for attention
     dec = lane.float() > 0.05
     flags = shifted_flags(dec, shift)
-    ref_prompt = dms_attention_reference(q0[:prompt], k[:prompt], v[:prompt],
+    kq = k.float().to(torch.float8_e4m3fn).float()  # every row reads K/V on the FP8 grid
+    vq = v.float().to(torch.float8_e4m3fn).float()
+    ref_prompt = dms_attention_reference(q0[:prompt], kq[:prompt], vq[:prompt],
                                          shifted_flags(dec[:prompt], shift)
                                          if shift == 0 else
                                          torch.cat([dec[1:prompt], torch.zeros(1, H, dtype=torch.bool)]),
                                          W, D ** -0.5)
     assert (outs[0] - ref_prompt).abs().max() < 2e-2
-    kq = k.float().to(torch.float8_e4m3fn).float()  # decode rows read FP8 K/V
-    vq = v.float().to(torch.float8_e4m3fn).float()
     for i in range(steps):
         n = prompt + i + 1
         fl = flags[:n].clone()
@@ -158,8 +158,8 @@ def _step_meta(rt, rows):
 def test_impl_chunked_prefill_matches_one_shot(shift, W):
     """Prompts in chunks through DMSCompactAttentionImpl.forward, mixed in one step with first
     chunks and decodes (a 1-token chunk runs as a decode row, as vLLM classifies it), then
-    decoding: the same live sets and decode outputs as one-shot prefill, and the reference
-    (arena keys FP8, a chunk's own keys bf16; tolerance 3e-2 as above, 1e-2 between runs)."""
+    decoding: the same live sets and outputs (prompt and decode rows) as one-shot prefill, and
+    the reference (every key on the FP8 grid; tolerance 3e-2 as above, 1e-2 between runs)."""
     H, G, D, P, steps = 2, 2, 32, 16, 4
     reqs = [(2, 14, [5, 1, 4, 4], 0), (1, 11, [3, 3, 5], 0), (3, 6, [6], 2)]  # slot, prompt,
     dms = _dms(shift, W, H, G, D)                                             # chunks, arrival
@@ -203,12 +203,9 @@ def test_impl_chunked_prefill_matches_one_shot(shift, W):
                 s, b = seq[i], a + n
                 for t in range(n):
                     outs[(i, a + t)] = out[o + t]
-                # a prefill row reads the arena in FP8 and its own chunk in bf16; decode: all FP8
-                fp8 = b if n == 1 else a
-                kq = torch.cat([s["k"][:fp8].float().to(torch.float8_e4m3fn).float(),
-                                s["k"][fp8:b].float()])
-                vq = torch.cat([s["v"][:fp8].float().to(torch.float8_e4m3fn).float(),
-                                s["v"][fp8:b].float()])
+                # every row, prompt or decode, reads K/V on the arena's FP8 grid
+                kq = s["k"][:b].float().to(torch.float8_e4m3fn).float()
+                vq = s["v"][:b].float().to(torch.float8_e4m3fn).float()
                 ref = dms_attention_reference(s["q0"][:b], kq, vq, s["flags"][:b].clone(), W,
                                               D ** -0.5)[a:]
                 assert (out[o:o + n] - ref).abs().max() < 3e-2, (i, a, n)
@@ -240,7 +237,7 @@ def test_impl_chunked_prefill_matches_one_shot(shift, W):
     kv_c, out_c = run(chunked)
     kv_o, out_o = run(one_shot)
     for i, (slot, n, _, _) in enumerate(reqs):
-        for p in range(n, n + steps):  # decode outputs after either prefill
+        for p in range(n + steps):  # prompt rows too: chunking does not change what they read
             assert (out_c[(i, p)] - out_o[(i, p)]).abs().max() < 1e-2, (i, p)
         for h in range(H):  # the same rows: positions, flags, FP8 K/V (slot order may differ)
             rc, ro = arena_read_row(kv_c, lay, slot, h), arena_read_row(kv_o, lay, slot, h)

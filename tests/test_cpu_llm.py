@@ -79,7 +79,7 @@ def worst_logprob_gap(reference, ps, res, evict=True) -> float:
     model, dms = reference
     worst = 0.0
     for p, toks, lps in zip(ps, res["tokens"], res["logprobs"]):
-        ref = reference_forward(model, dms, torch.tensor(p + toks), kv_fp8_from=len(p),
+        ref = reference_forward(model, dms, torch.tensor(p + toks), kv_fp8=True,
                                 evict=evict)
         lsm = torch.log_softmax(ref.logits[len(p) - 1: len(p) - 1 + len(toks)], dim=-1)
         for i, (tok, top) in enumerate(zip(toks, lps)):

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from vllm_dms.engine.arena import ArenaLayout, cdiv
 from vllm_dms.worker.kernels.arena_ops import arena_read_row, arena_state, dms_release
-from vllm_dms.worker.kernels.common import _load_kv, _to_store
+from vllm_dms.worker.kernels.common import _load_kv, _to_store, fp8_grid
 from vllm_dms.worker.kernels.pack import dms_prefill_pack
 from vllm_dms.tools.reference import dms_mask, live_counts, shifted_flags
 
@@ -72,6 +72,10 @@ def test_fp8_codec_exhaustive(device):
     nan = x.isnan()
     assert torch.equal(bits[~nan], ref[~nan])
     assert bool(((bits[nan] & 0x7F) == 0x7F).all()), "NaN stays NaN"
+    # what prompt rows read (fp8_grid) is exactly what the arena hands back for the same value
+    grid = fp8_grid(x)
+    assert grid.dtype == torch.bfloat16
+    assert torch.equal(grid[~nan].float(), bits[~nan].view(torch.float8_e4m3fn).float())
     want = every.view(torch.float8_e4m3fn).float()
     ok = (dec == want) | (dec.isnan() & want.isnan())
     if not dec.is_cuda:  # the interpreter decodes the NaN bytes 0x7f/0xff as +-480

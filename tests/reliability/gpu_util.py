@@ -220,11 +220,15 @@ class Server:
 
     def __enter__(self):
         import requests
-        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # a file, not a pipe: nobody reads a pipe while the server runs, and a full one (64 KiB
+        # of request logs in the soak) blocks the server's next write, so it stops serving
+        self.log = os.path.join(_log_dir(), f"server-{self.port}.log")
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True,
+                                         stdout=f, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()[-6000:]
+            assert self.proc.poll() is None, self.log_tail()
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
@@ -242,6 +246,10 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def log_tail(self, n: int = 6000) -> str:
+        with open(self.log) as f:
+            return f.read()[-n:]
 
     def metrics(self) -> dict[str, float]:
         """Prometheus text -> {series name (labels dropped): summed value}."""

@@ -115,13 +115,16 @@ def test_r19_cuda_graphs_equal_eager(ckpts, dms_eager):
 
 @SHARED
 def test_r20_batch_invariance(dms_eager):
-    """Stated bound: first 16 tokens identical, >= 90% of 64 tokens identical (bf16 GEMMs of
-    different batch shapes may flip a near-tie of a random-weight model late in a sequence)."""
+    """First 16 tokens identical; after that both runs are greedy within TOL under one scoring.
+    The batch shape changes the GEMMs and the decode split count (fp32 reduction order), so a
+    near-tie of a random-weight model may flip late in a sequence (H100, 2026-12-07: from token
+    17 on); positions after a flip are no longer comparable one by one."""
     ps = prompts(8, 250, seed=20)
     batch = dms_eager.tokens(ps, 64)
     alone = dms_eager.tokens(ps[:1], 64)
     assert alone[0][:16] == batch[0][:16]
-    assert sum(a == b for a, b in zip(alone[0], batch[0])) >= 0.9 * 64
+    assert_near_greedy(dms_eager, ps[:1], alone, TOL)
+    assert_near_greedy(dms_eager, ps[:1], batch[:1], TOL)
 
 
 @SHARED

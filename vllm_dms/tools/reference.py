@@ -202,7 +202,7 @@ def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
     scale = dms.head_dim ** -0.5
     out = dms_attention_reference(q, k, v, mask_flags, dms.window, scale)
     if mode.kv_fp8_from is not None and not mode.kv_fp8:
-        # prompt rows attend the in-flight bf16 K/V, decode rows read the FP8 arena
+        # prompt rows attend the in-flight bf16 K/V, decode rows read FP8 (FastDMS's convention)
         out8 = dms_attention_reference(q, fp8_roundtrip(k), fp8_roundtrip(v), mask_flags,
                                        dms.window, scale)
         out = torch.cat([out[: mode.kv_fp8_from], out8[mode.kv_fp8_from:]])
@@ -231,7 +231,8 @@ def reference_forward(model: torch.nn.Module, dms: DMSConfig, input_ids: torch.T
     evict=False keeps plain causal attention (lane still zeroed when zero_lane). Decisions come
     from the borrowed lane unless injected_decisions [L, T, H] is given. kv_fp8 round-trips
     post-RoPE K and V through e4m3 before attention; kv_fp8_from=P does so only for query rows
-    >= P (what the engine does: prompt rows attend bf16 K/V, decode rows read the FP8 arena).
+    >= P (FastDMS's convention: prompt rows attend bf16 K/V, decode rows read FP8; the dms_fp8
+    engine reads FP8 for every row, i.e. kv_fp8=True).
     dtype=torch.bfloat16 rounds matmul inputs/outputs, norms and the residual stream to bf16.
     """
     _check_model(model, dms)

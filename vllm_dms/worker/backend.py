@@ -8,7 +8,8 @@ then attends:
 * decode rows: ``dms_decode_store`` (decision from the carrier lane, flag, exact expiry by slot
   reuse, FP8 append) then ``dms_decode_attention`` (split-K over the row's live slots);
 * prefill rows: ``dms_prefill_attention`` (the exact DMS mask over the prompt) then
-  ``dms_prefill_pack`` (survivors to the arena in FP8);
+  ``dms_prefill_pack`` (survivors to the arena in FP8). Every query, prompt or decode, reads K/V
+  on the arena's FP8 grid, so chunking, prefix reuse and preemption leave the values alone;
 * when a prefill row continues a prompt (tokens already in the arena): ``dms_chunk_flag_prev``
   (shift 1), ``dms_chunk_attention`` (arena row + chunk) for every prefill row, then
   ``dms_prefill_pack`` for first chunks and ``dms_chunk_pack`` for continuations.
@@ -239,6 +240,7 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
             return output.fill_(0)
         from vllm_dms.worker.kernels.decode import decode_splits, dms_decode_attention, workspace_for
         from vllm_dms.worker.kernels.arena_ops import dms_decode_store
+        from vllm_dms.worker.kernels.common import fp8_grid
         from vllm_dms.worker.kernels.pack import dms_prefill_pack
         from vllm_dms.worker.kernels.prefill import dms_prefill_attention, survivor_index
         md, rt = attn_metadata, attn_metadata.runtime
@@ -266,6 +268,11 @@ class DMSCompactAttentionImpl(AttentionImpl[DMSMetadata]):
         if md.num_prefills:
             dec = dms.decisions_from_lane(lanes[nd:])
             kp, vp = k[nd:], v[nd:]
+            if layout.elem_bytes == 1:
+                # prompt rows read the K/V the arena holds, as decode rows do (and stock vLLM's
+                # fp8 cache): a prompt's output then does not depend on how it was chunked,
+                # cached or preempted
+                kp, vp = fp8_grid(kp), fp8_grid(vp)
             flags = dec
             if dms.decision_shift == 1:  # the decision at t flags t-1; a chunk's last flag waits
                 flags = torch.cat([dec[1:], torch.zeros_like(dec[:1])])

@@ -114,6 +114,12 @@ def _e4m3_bits(x):
     return (out | sign).to(tl.uint8)
 
 
+def fp8_grid(x: torch.Tensor) -> torch.Tensor:
+    """bf16 -> the bf16 value an FP8 arena hands back for it (e4m3, scale 1, saturating, round
+    to nearest even: the same bits as _e4m3_bits, whose values are all exact in bf16)."""
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.bfloat16)
+
+
 @triton.jit
 def _to_store(x, ELEM: tl.constexpr):
     if ELEM == 1:
