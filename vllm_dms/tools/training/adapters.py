@@ -84,7 +84,7 @@ class BorrowedRows:
         return out if rest is None else out.index_put((self.rest_idx,), rest.to(base.dtype))
 
     def weights(self, bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """q_proj weights with the rows in place; bases (e.g. LoRA-merged) default to the module's."""
+        """q_proj weights with the rows in place; bases (LoRA-merged) default to the module's."""
         bases = bases or [p.weight for p in self.projs]
         return [self._splice(b, d[0], r[0]) for b, d, r in zip(bases, self.dec, self.rest)]
 

@@ -141,7 +141,7 @@ def save_lora_delta(base_dir: str, factors: dict, scale: float, rows: dict, path
     for name, (idx, vals) in sorted(rows.items()):
         base = _read(base_dir, wm[name], name)
         store = base.dtype if base.element_size() == 2 else torch.bfloat16
-        out[name + ROWS] = idx.to("cpu", torch.int64).contiguous()
+        out[name + ROWS] = idx.to("cpu", torch.int64).clone()  # rows share one index tensor
         out[name + VALUES] = vals.detach().to("cpu", store).reshape(
             (idx.numel(),) + tuple(base.shape[1:])).contiguous()
         nrows += idx.numel()

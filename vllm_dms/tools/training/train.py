@@ -76,8 +76,9 @@ def dms_config_for(hf_config: dict, fields: dict) -> DMSConfig:
 
 def evict_target(cr: float, window: int, ctx: int = 0) -> float:
     """Decision rate that leaves ctx / cr live keys at context ctx (the last W+1 keys are always
-    live); 1 - 1/cr when ctx is 0. E.g. cr 8, W 256, ctx 4096: 0.934."""
-    if not ctx:
+    live, so 1.0 when even that keeps more); 1 - 1/cr when ctx is 0 or inside the window.
+    E.g. cr 8, W 256, ctx 4096: 0.934."""
+    if not ctx or ctx <= window + 1:
         return 1.0 - 1.0 / cr
     keep = (ctx / cr - (window + 1)) / (ctx - window - 1)
     return min(1.0, max(0.0, 1.0 - keep))
@@ -118,7 +119,8 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
           init: str = "zero", rest_lr_scale: float = 0.05, seed: int = 0,
           alpha_scale: float = 100.0, alpha_offset: float = 5.0, decision_shift: int = 1,
           bf16: bool | None = None, texts=TRAIN_TEXTS, max_minutes: float | None = None,
-          state_dir: str | None = None, save_every: int = 200, target_ctx: int = 4096,
+          state_dir: str | None = None, run_steps: int | None = None, save_every: int = 200,
+          target_ctx: int = 4096,
           min_lr_frac: float = 0.1, grad_ckpt: bool = False, model=None, tokenizer=None,
           stream: torch.Tensor | None = None) -> dict:
     """Train (or continue, with state_dir) a DMS delta from base_dir; writes
@@ -219,6 +221,8 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
         return st_mod.save_state(state_dir, tens, info)
     while step < steps:
         if max_minutes is not None and time.time() - t0 + 2 * last_dt > 60 * max_minutes:
+            break  # stop while a step and the save still fit the budget
+        if run_steps is not None and step - start >= run_steps:
             break
         ts = time.time()
         f = lr_factor(step, steps, warmup, hold, min_lr_frac)
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                                ("tau", float, 0.1), ("ramp-frac", float, 0.5),
                                ("comp-weight", float, 1.0), ("seed", int, 0),
                                ("target-ctx", int, 4096), ("min-lr-frac", float, 0.1),
-                               ("save-every", int, 200),
+                               ("save-every", int, 200), ("run-steps", int, None),
                                ("max-minutes", float, None), ("threads", int, None)):
         p.add_argument("--" + name, type=typ, default=default)
     p.add_argument("--rows", choices=ROW_MODES, default="lane")
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
               tau=a.tau, ramp_frac=a.ramp_frac, comp_weight=a.comp_weight, rows=a.rows,
               init=a.init, rest_lr_scale=a.rest_lr_scale, seed=a.seed,
               bf16=None if a.bf16 is None else bool(a.bf16), max_minutes=a.max_minutes,
-              state_dir=a.state, save_every=a.save_every, target_ctx=a.target_ctx,
+              state_dir=a.state, run_steps=a.run_steps, save_every=a.save_every,
+              target_ctx=a.target_ctx,
               min_lr_frac=a.min_lr_frac, grad_ckpt=a.grad_ckpt)
     for k in ("state", "lora", "rows"):
         s.pop(k, None)
