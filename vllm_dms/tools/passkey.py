@@ -116,7 +116,7 @@ def run_reference(model, dms, tok, cases: list[Case], evict: bool, max_tokens: i
     """Greedy answers under the exact DMS rule (vllm_dms.tools.quality.greedy_cached)."""
     import torch
 
-    from vllm_dms.tools.quality import greedy_cached
+    from vllm_dms.tools.greedy import greedy_cached
     out = []
     for c in cases:
         gen = greedy_cached(model, dms, torch.tensor(c.ids), max_tokens, evict=evict)
