@@ -91,3 +91,12 @@ def test_reference_runner_evict_vs_noevict(tok):
     ne = pk.run_reference(m, dms, tok, cases, evict=False, max_tokens=4)
     assert len(ev) == len(ne) == 1 and ev != ne  # eviction changes this random model's answer
     json.dumps(pk.score(cases, ev))  # the row is plain JSON
+
+
+def test_rows_merge_by_mode(tmp_path):
+    out = str(tmp_path / "p.json")
+    pk.merge_rows(out, [dict(model="m", path="dms_fp8", mode="evict", accuracy=0.5)])
+    pk.merge_rows(out, [dict(model="m", path="dms_fp8", mode="noevict", accuracy=0.9)])
+    pk.merge_rows(out, [dict(model="m", path="dms_fp8", mode="evict", accuracy=0.7)])
+    rows = json.load(open(out))
+    assert [(r["mode"], r["accuracy"]) for r in rows] == [("noevict", 0.9), ("evict", 0.7)]

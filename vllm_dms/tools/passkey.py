@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="cpu", help="reference path")
+    p.add_argument("--modes", nargs="+", choices=("evict", "noevict", "base"), default=None,
+                   help="default: evict noevict (+ base with --base-dir); one vLLM engine each, "
+                   "so run one mode per process when GPU memory is tight")
     p.add_argument("--out", required=True, help="JSON file (list of rows, one per mode)")
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         ekw = dict(gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager)
         runs = [("evict", a.model_dir, "dms_fp8"), ("noevict", a.model_dir, "auto")]
         runs += [("base", a.base_dir, "auto")] if a.base_dir else []
-        for mode, d, kv in runs:
+        for mode, d, kv in (r for r in runs if a.modes is None or r[0] in a.modes):
             answers = run_vllm(d, cases, kv, a.max_tokens, **ekw)
             rows.append(dict(common, mode=mode, kv_cache_dtype=kv, **score(cases, answers)))
             _print(rows[-1])
@@ -167,15 +170,29 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
         model = model.to(a.device).eval()
         dms = DMSConfig.from_checkpoint(a.model_dir)
-        for mode, evict in (("evict", True), ("noevict", False)):
+        for mode, evict in (m for m in (("evict", True), ("noevict", False))
+                            if a.modes is None or m[0] in a.modes):
             answers = run_reference(model, dms, tok, cases, evict, a.max_tokens)
             rows.append(dict(common, mode=mode, **score(cases, answers)))
             _print(rows[-1])
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(rows, f, indent=2)
+    merge_rows(a.out, rows)
     print(f"wrote {a.out}")
     return 0
+
+
+def merge_rows(path: str, rows: list[dict]) -> list[dict]:
+    """Add rows to the JSON list at path, replacing rows with the same (model, path, mode)."""
+    old = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    key = lambda r: (r["model"], r["path"], r["mode"])  # noqa: E731
+    new = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new] + rows
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+    return merged
 
 
 def _device(path: str, device: str) -> str:

@@ -266,6 +266,8 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
                    tokens=(step + 1) * batch * seq_len, step_s=round(last_dt, 3),
                    tokens_per_s=round(batch * seq_len / max(last_dt, 1e-9), 1),
                    elapsed_s=round(time.time() - t0, 2))
+        if device.startswith("cuda"):  # sizes the micro-batch for the next GPU
+            rec["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         _log(log, rec)
         step += 1
         if save_every and step % save_every == 0 and step < steps:
