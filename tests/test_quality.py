@@ -231,6 +231,14 @@ def test_evaluate_rows_per_context_and_path(model, tmp_path, monkeypatch):
     assert floor["kld_vs_base"] == 0.0 and floor["token_match"] == 1.0  # a perfect engine
     assert floor["ppl"] == pytest.approx(floor["ppl_base"], rel=1e-6)
     assert floor["cr_target"] is None and floor["measured_compression"] == 1.0
+    refrows = quality.evaluate(ckpt, base_dir=src, name="tiny", path="reference", windows=2,
+                               contexts=(20, 40), date="2026-01-02")
+    assert [r["context"] for r in refrows] == [20, 40] and refrows[1]["device"] == "cpu"
+    assert tuple(k for k in refrows[1] if k != "details") == ROW_KEYS
+    assert refrows[1]["kld_vs_base"] == pytest.approx(ref["kld_vs_base"], rel=1e-6)
+    assert refrows[1]["ppl_base"] == pytest.approx(row["ppl_base"], rel=1e-6)
+    assert refrows[1]["details"]["compression_per_layer"] == ref["compression_per_layer"]
+    assert refrows[0]["tokens_scored"] == 2 * 19
     with pytest.raises(ValueError):
         quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", kv_fp8=True)
 
