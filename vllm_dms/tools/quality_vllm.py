@@ -1,6 +1,7 @@
-"""The dms_fp8 path of the quality harness: vLLM's teacher-forced prompt logprobs, and metrics.
+"""The vLLM paths of the quality harness: vLLM's teacher-forced prompt logprobs, and metrics.
 
-``score_vllm`` runs ``vllm.LLM(model_dir, kv_cache_dtype="dms_fp8")`` once per window with
+``score_vllm`` runs ``vllm.LLM(model_dir, kv_cache_dtype="dms_fp8")`` (or ``fp8`` / ``auto`` on
+the base model: the floor rows; one engine may serve several contexts) once per window with
 ``SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0)``. vLLM returns, per prompt
 position t >= 1, a dict token id -> Logprob holding its top_k tokens and the actual token t. So
 only the top_k of vLLM's distribution is known, and every KLD here is computed on a coarser
