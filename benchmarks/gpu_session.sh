@@ -13,9 +13,15 @@
 #   correct-llama / correct-qwen  vllm.LLM + dms_fp8 vs the exact reference (engine weights)
 #   correct-llama-v1              the same with VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner)
 #   correct-llama-chunked         the same with --enable-chunked-prefill, 256-token chunks
-#   quality-smollm2               vllm-dms eval through dms_fp8 (needs smollm2 first)
-#   train-smollm2                 the DMS retrofit on the H200 (7 min cap), then both quality
-#                                 paths on the new checkpoint (needs smollm2 first)
+#   train-smollm2                 issue 18: one resumable slice (TRAIN_MIN, default 7.5 min) of
+#                                 the LoRA retrofit (state in $HOME/train-smollm2, kept between
+#                                 calls); prints "train rc=0" when done (3: run it again); log,
+#                                 chart and delta to $OUT (needs smollm2 first)
+#   quality-smollm2               issue 18: vllm-dms eval at contexts 1024 and 4096: dms_fp8,
+#                                 vLLM fp8 and bf16 KV on the base (floor), exact reference on
+#                                 the GPU; $QCKPT (default: the checkpoint train-smollm2 built)
+#   passkey-smollm2               issue 18: passkey 2K-7K tokens, depths 10-90%: dms_fp8 (evict),
+#                                 same checkpoint with kv auto (no-evict), plain base
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 #   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
@@ -37,10 +43,17 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .gpu/ckpt ] || [ ! -f .gpu/pack/ckpt.tar.xz ] || tar -xJf .gpu/pack/ckpt.tar.xz -C .gpu
 SMOL=$HOME/models/smollm2-dms
 RANDOM_CKPT=$HOME/ckpt/random-llama-dms
+TS=$HOME/train-smollm2 NEWCKPT=$HOME/models/smollm2-dms-gpu-cr8-w256
+QCKPT=${QCKPT:-$NEWCKPT}
 T="timeout ${STAGE_S:-300}"
 random_ckpt() {  # the engine tests' checkpoint, built once per machine
   [ -f $RANDOM_CKPT/config.json ] || python3 benchmarks/make_random_llama.py $RANDOM_CKPT \
     .gpu/ckpt/llama-3.2-1b-dms-cr8 > /dev/null
+}
+ensure_trained() {  # the trained checkpoint, built from the latest delta if training paused
+  [ -f $QCKPT/config.json ] || [ "$QCKPT" != "$NEWCKPT" ] || PYTHONPATH=$PWD:${PYTHONPATH:-} python3 -c "
+from vllm_dms.tools.training.delta import build_from_delta as b
+print(b('$TS/out/dms_delta.safetensors', '$NEWCKPT', base_dir='$HOME/models/smollm2'))"
 }
 suite() {  # suite NAME TIMEOUT PYTEST_ARGS...: JUnit + log under $OUT, engine logs tarred
   local name=$1 t=$2; shift 2
@@ -125,18 +138,32 @@ for _ in range(150):
         --name llama-3.2-1b-synthetic-cr8-chunked256 --graphs --chunk 256 \
         --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     quality-smollm2)
-      $T python3 -m vllm_dms.tools.cli eval smollm2-trained --path dms_fp8 --windows 4 \
-        --window-len 512 --tag smollm2-135m --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
-    train-smollm2)
-      NEW=$HOME/models/smollm2-dms-gpu-cr8
-      timeout 480 python3 -m vllm_dms.tools.training.train --base $HOME/models/smollm2 \
-        --out $OUT/train-cr8 --build $NEW --max-minutes 7 --log $OUT/train-smollm2-cr8.jsonl \
-        2>&1 | tail -20
-      for path in reference dms_fp8; do
-        $T python3 -m vllm_dms.tools.cli eval $NEW --base-dir $HOME/models/smollm2 --path $path \
-          --windows 4 --window-len 512 --tag smollm2-135m --name smollm2-135m-dms-gpu-cr8 \
-          --top-k 100 --out $OUT/quality-smollm2-135m.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -8
+      ensure_trained
+      for path in dms_fp8 vllm-fp8 vllm-bf16 reference; do
+        name=$([ ${path#vllm-} = $path ] && echo ${QNAME:-smollm2-135m-dms-gpu-cr8-w256} || echo smollm2-135m)
+        $T python3 -m vllm_dms.tools.cli eval $QCKPT --base-dir $HOME/models/smollm2 --path $path \
+          --contexts 1024 4096 --windows 4 --top-k 100 --enforce-eager --name $name \
+          --gpu-memory-utilization 0.3 --out $OUT/quality-smollm2-135m.json 2>&1 \
+          | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -4
       done ;;
+    passkey-smollm2)
+      ensure_trained
+      for mode in evict noevict base; do  # one engine per process: GPU memory is freed between
+        $T python3 -m vllm_dms.tools.cli passkey $QCKPT --path dms_fp8 --base-dir \
+          $HOME/models/smollm2 --modes $mode --enforce-eager --name ${QNAME:-smollm2-135m-dms-gpu-cr8-w256} \
+          --out $OUT/passkey-smollm2-135m.json 2>&1 | grep "accuracy\|Error\|error" | tail -3
+      done ;;
+    train-smollm2)
+      mkdir -p $TS/out
+      # max-minutes stops before a step that would not fit; timeout only if a step hangs
+      timeout ${TRAIN_S:-570} python3 -m vllm_dms.tools.training.train --base $HOME/models/smollm2 \
+        --out $TS/out --state $TS/state --log $TS/train-smollm2.jsonl --max-minutes ${TRAIN_MIN:-7.5} \
+        --micro-batch ${MICRO:-4} --chart $OUT/train-smollm2.png --build $NEWCKPT ${TRAIN_ARGS:-} \
+        > $TS/stage.log 2>&1
+      echo "train rc=$? (0: done, 3: paused, run train-smollm2 again)"
+      grep -v "^INFO\|^WARNING" $TS/stage.log | tail -22
+      cp $TS/train-smollm2.jsonl $OUT/ && tail -1 $TS/train-smollm2.jsonl | cut -c1-400
+      cp $TS/out/dms_delta.safetensors $OUT/smollm2-135m-dms-cr8-w256.safetensors ;;
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \

@@ -53,13 +53,16 @@ def correctness():
 
 
 def quality():
-    header("model", "path", "measured compression", "KLD vs no-evict", "token match", "PPL",
-           "PPL base")
+    # rows before issue 18 scored against the no-evict model (kld_vs_noevict, no context)
+    header("model", "path", "context", "measured compression", "KLD vs base", "KLD vs no-evict",
+           "token match", "PPL", "PPL no-evict", "PPL base")
     for rows in files("quality"):
         for r in rows:
-            print(f"| {r['model']} | {r['path']} | {r['measured_compression']:.2f} | "
-                  f"{r['kld_vs_noevict']:.3f} | {r['token_match']:.3f} | {r['ppl']:.2f} | "
-                  f"{r['ppl_base']:.2f} |")
+            kne = r.get("kld_vs_noevict", (r.get("details") or {}).get("kld_vs_noevict"))
+            print(f"| {r['model']} | {r['path']} | {r.get('context') or '-'} | "
+                  f"{r['measured_compression']:.2f} | {_num(r.get('kld_vs_base'), '{:.3f}')} | "
+                  f"{_num(kne, '{:.3f}')} | {r['token_match']:.3f} | {r['ppl']:.2f} | "
+                  f"{_num(r.get('ppl_noevict'))} | {r['ppl_base']:.2f} |")
 
 
 def chunked():

@@ -113,9 +113,10 @@ def test_windows_prompts_and_rows(tmp_path):
         dms_initial_alpha_offset=5.0, dms_cr=8))
     scores = dict(measured_compression=3.0, kld_vs_noevict=0.1, token_match=0.9,
                   tokens_scored=10, ppl=5.0, ppl_noevict=4.0)
-    row = make_row("m", "reference", dms, scores, 3.5, "2026-01-01", {"x": 1})
+    row = make_row("m", "reference", dms, 1024, scores, 3.5, "2026-01-01", {"x": 1})
     assert tuple(k for k in row if k != "details") == ROW_KEYS
-    assert row["cr_target"] == 8 and row["details"] == {"ppl_noevict": 4.0, "x": 1}
+    assert row["cr_target"] == 8 and row["details"] == {"kld_vs_noevict": 0.1, "x": 1}
+    assert row["context"] == 1024 and row["ppl_noevict"] == 4.0 and row["kld_vs_base"] is None
     out = str(tmp_path / "q.json")
     merge_rows(out, [row, dict(row, model="n")])
     merge_rows(out, [dict(row, ppl=6.0)])  # same (model, path) replaces the old row
@@ -166,37 +167,103 @@ def test_dms_fp8_compression_source(model):
     assert s["measured_compression"] < s["reference_compression"]
 
 
-def test_evaluate_dms_fp8_row(model, tmp_path, monkeypatch):
-    import transformers
+def _fake_engine(monkeypatch, quality, seen, perfect_for=None):
+    """open_engine / score_vllm faked: the engine returns the evict reference's own top-k (DMS)
+    or the base's (the floor paths)."""
+    def fake_open(model_dir, max_len, top_k, kv, **kw):
+        seen.update(open=(model_dir, max_len, top_k, kv, kw))
+        return ("llm", dict(kv_cache_dtype=kv))
 
-    from vllm_dms.tools import quality
+    def fake_score(model_dir, wins, *, top_k, kv_cache_dtype, engine):
+        seen.setdefault("scored", []).append((model_dir, wins.shape, kv_cache_dtype, engine))
+        m = quality._load(model_dir, "cpu")
+        if kv_cache_dtype == "dms_fp8":
+            return fake_vllm_scores(m, DMSConfig.from_checkpoint(model_dir), wins, top_k)
+        out = []
+        for ids in wins:
+            lg = quality.base_logits(m, ids)
+            lp = F.log_softmax(lg[:-1].double(), -1)
+            out.append(WindowLogprobs(lp[torch.arange(ids.numel() - 1), ids[1:]],
+                                      *topk_of(lg[:-1], top_k)))
+        return VllmScores(out, None, "not a DMS engine", dict(kv_cache_dtype=kv_cache_dtype))
+    monkeypatch.setattr(quality, "open_engine", fake_open)
+    monkeypatch.setattr(quality, "score_vllm", fake_score)
+
+
+def _tiny_ckpts(model, tmp_path):
     from vllm_dms.tools.checkpoints import add_dms_fields
     src = str(tmp_path / "plain")
     model.save_pretrained(src)
-    ckpt = add_dms_fields(src, str(tmp_path / "dms"), window=3)
+    return src, add_dms_fields(src, str(tmp_path / "dms"), window=3)
+
+
+def test_evaluate_rows_per_context_and_path(model, tmp_path, monkeypatch):
+    import transformers
+
+    from vllm_dms.tools import quality
+    src, ckpt = _tiny_ckpts(model, tmp_path)
     seen = {}
-
-    def fake_score_vllm(model_dir, wins, *, top_k, **engine_kw):
-        seen.update(model_dir=model_dir, wins=wins, top_k=top_k, engine_kw=engine_kw)
-        return fake_vllm_scores(quality._load(model_dir, "cpu"), DMSConfig.from_checkpoint(
-            model_dir), wins, top_k)
-
+    _fake_engine(monkeypatch, quality, seen)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
     monkeypatch.setattr(quality, "eval_tokens", lambda tok: windows(1, 200)[0])
-    monkeypatch.setattr(quality, "score_vllm", fake_score_vllm)
-    row = quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", windows=2,
-                           window_len=40, top_k=5, engine_kw={"enforce_eager": True},
-                           date="2026-01-02")
+    rows = quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", windows=2,
+                            contexts=(20, 40), top_k=5, engine_kw={"enforce_eager": True},
+                            date="2026-01-02")
+    assert [r["context"] for r in rows] == [20, 40] and seen["open"][:4] == (ckpt, 40, 5,
+                                                                          "dms_fp8")
+    assert seen["open"][4] == {"enforce_eager": True} and len(seen["scored"]) == 2
+    assert all(s[3] == ("llm", {"kv_cache_dtype": "dms_fp8"}) for s in seen["scored"])  # reused
+    row = rows[1]
     assert tuple(k for k in row if k != "details") == ROW_KEYS + DMS_FP8_KEYS
-    assert seen["model_dir"] == ckpt and seen["top_k"] == 5
-    assert seen["engine_kw"] == {"enforce_eager": True}
-    assert torch.equal(seen["wins"], windows(1, 200)[0][:80].view(2, 40))
     assert row["path"] == "dms_fp8" and row["kld_support"] == "top5+tail"
     assert row["kld_vs_reference_evict"] == 0.0 and row["tokens_scored"] == 78
-    assert row["ppl_base"] == pytest.approx(base_ppl(model, seen["wins"]), rel=1e-5)
-    assert row["details"]["top_k"] == 5 and "gen_agreement" not in row["details"]
+    wins = windows(1, 200)[0][:80].view(2, 40)
+    assert row["ppl_base"] == pytest.approx(base_ppl(model, wins), rel=1e-5)
+    # the same model as base: any KLD against the base comes from DMS (lane zeroed + eviction)
+    ref = score_reference(model, DMSConfig.from_checkpoint(ckpt), wins, base_model=model)
+    assert row["kld_vs_base"] > 0 and row["token_match"] < 1.0
+    assert row["details"]["reference_kld_vs_noevict"] == pytest.approx(ref["kld_vs_noevict"])
+    assert row["ppl_noevict"] == pytest.approx(ref["ppl_noevict"], rel=1e-6)
+    assert row["measured_compression"] == pytest.approx(ref["measured_compression"])
+    floor = quality.evaluate(ckpt, base_dir=src, name="tiny", path="vllm-fp8", windows=2,
+                             contexts=(40,), top_k=5, date="2026-01-02")[0]
+    assert seen["open"][0] == src and seen["open"][3] == "fp8"  # the base, vLLM's own fp8 KV
+    assert floor["kld_vs_base"] == 0.0 and floor["token_match"] == 1.0  # a perfect engine
+    assert floor["ppl"] == pytest.approx(floor["ppl_base"], rel=1e-6)
+    assert floor["cr_target"] is None and floor["measured_compression"] == 1.0
+    refrows = quality.evaluate(ckpt, base_dir=src, name="tiny", path="reference", windows=2,
+                               contexts=(20, 40), date="2026-01-02")
+    assert [r["context"] for r in refrows] == [20, 40] and refrows[1]["device"] == "cpu"
+    assert tuple(k for k in refrows[1] if k != "details") == ROW_KEYS
+    assert refrows[1]["kld_vs_base"] == pytest.approx(ref["kld_vs_base"], rel=1e-6)
+    assert refrows[1]["ppl_base"] == pytest.approx(row["ppl_base"], rel=1e-6)
+    assert refrows[1]["details"]["compression_per_layer"] == ref["compression_per_layer"]
+    assert refrows[0]["tokens_scored"] == 2 * 19
     with pytest.raises(ValueError):
         quality.evaluate(ckpt, base_dir=src, name="tiny", path="dms_fp8", kv_fp8=True)
+
+
+def test_reference_scores_against_the_base(model, tmp_path):
+    from vllm_dms.tools.quality import base_logits
+    dms, wins = dms_for(model, window=3), windows(n=2)
+    # the base is the plain model: its forward is the reference without DMS and lane kept
+    bl = base_logits(model, wins[0])
+    nodms = reference_forward(model, dms, wins[0], evict=False, zero_lane=False).logits
+    torch.testing.assert_close(bl, nodms, rtol=1e-4, atol=1e-4)
+    s = score_reference(model, dms, wins, base_model=model)
+    kld, match, nll = 0.0, 0, 0.0
+    for ids in wins:
+        ev = reference_forward(model, dms, ids).logits[:-1]
+        b = F.log_softmax(base_logits(model, ids)[:-1], -1)
+        lp = F.log_softmax(ev, -1)
+        kld += (b.exp() * (b - lp)).sum().item()
+        match += (lp.argmax(-1) == b.argmax(-1)).sum().item()
+        nll -= b[torch.arange(39), ids[1:]].sum().item()
+    assert s["kld_vs_base"] == pytest.approx(kld / 78, rel=1e-4)
+    assert s["token_match"] == match / 78 and s["ppl_base"] == pytest.approx(
+        math.exp(nll / 78), rel=1e-5)
+    # against the lane-zeroed no-evict model the lane's own cost would be missed
+    assert s["kld_vs_base"] != pytest.approx(s["kld_vs_noevict"], rel=1e-3)
 
 
 def test_cli_eval_dms_fp8_wiring(tmp_path, monkeypatch):
@@ -206,7 +273,8 @@ def test_cli_eval_dms_fp8_wiring(tmp_path, monkeypatch):
 
     def fake_evaluate(model_dir, **kw):
         seen.update(kw, model_dir=model_dir)
-        return dict(model=kw["name"], path=kw["path"], ppl=1.0)
+        return [dict(model=kw["name"], path=kw["path"], context=c, ppl=1.0)
+                for c in kw["contexts"]]
 
     monkeypatch.setattr(quality, "evaluate", fake_evaluate)
     out = str(tmp_path / "q.json")
@@ -214,7 +282,10 @@ def test_cli_eval_dms_fp8_wiring(tmp_path, monkeypatch):
                  "--top-k", "7", "--enforce-eager", "--device", "cpu", "--out", out]) == 0
     assert seen["path"] == "dms_fp8" and seen["top_k"] == 7 and seen["base_dir"] == "b"
     assert seen["engine_kw"] == dict(gpu_memory_utilization=0.3, enforce_eager=True)
-    assert json.load(open(out)) == [dict(model="ck", path="dms_fp8", ppl=1.0)]
+    assert json.load(open(out)) == [dict(model="ck", path="dms_fp8", context=c, ppl=1.0)
+                                    for c in (1024, 4096)]  # both contexts by default
+    assert main(["eval", "x", "--path", "vllm-fp8", "--base-dir", "b", "--window-len", "512",
+                 "--out", out]) == 0 and seen["contexts"] == [512] and seen["path"] == "vllm-fp8"
     with pytest.raises(SystemExit) as e:
         main(["eval", "x", "--path", "dms_fp8", "--kv-fp8", "--base-dir", "b", "--out", out])
     assert e.value.code == 2

@@ -155,7 +155,7 @@ def test_engine_args():
                       max_logprobs=20, enable_prefix_caching=False, kv_cache_dtype="dms_fp8")
     kw = engine_args(512, 50, kv_cache_dtype="auto", gpu_memory_utilization=0.5,
                      max_model_len=4096)
-    assert kw["kv_cache_dtype"] == "dms_fp8" and kw["max_logprobs"] == 50
+    assert kw["kv_cache_dtype"] == "auto" and kw["max_logprobs"] == 50  # the floor rows' engine
     assert kw["gpu_memory_utilization"] == 0.5 and kw["max_model_len"] == 4096
     with pytest.raises(ValueError):
         engine_args(512, max_model_len=512)

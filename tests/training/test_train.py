@@ -106,7 +106,8 @@ def test_short_training_lowers_loss_and_moves_eviction_to_target(tmp_path):
     m = tiny()
     stream = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(2))
     s = train(None, str(tmp_path), cr=4, window=3, steps=40, seq_len=32, batch=4, lr=3e-2,
-              device="cpu", bf16=False, ramp_frac=0.01, model=m, stream=stream)
+              device="cpu", bf16=False, ramp_frac=0.01, model=m, stream=stream, lora_rank=0,
+              rows="heads", target_ctx=0)
     recs = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     steps = [r for r in recs if "step" in r]
     assert recs[0]["event"] == "start" and recs[-1]["event"] == "done" and len(steps) == 40
@@ -168,7 +169,7 @@ def test_train_writes_a_delta_that_rebuilds_the_trained_weights(tmp_path):
     base = _tiny_checkpoint(tmp_path / "base")
     stream = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(4))
     s = train(base, str(tmp_path / "run"), cr=4, window=3, steps=3, seq_len=24, batch=2,
-              lr=1e-2, device="cpu", bf16=False, stream=stream)
+              lr=1e-2, device="cpu", bf16=False, stream=stream, lora_rank=0, rows="heads")
     out = build_from_delta(s["delta_path"], str(tmp_path / "ckpt"), base_dir=base)
     built = load_file(os.path.join(out, "model.safetensors"))
     for name, t in s["state"].items():

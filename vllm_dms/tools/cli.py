@@ -66,6 +66,8 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
                              "compression on held-out text (vllm_dms.tools.quality)"),
     "train": _add_passthrough("train", "DMS retrofit by logit distillation of a Llama/Qwen3 "
                               "checkpoint (vllm_dms.tools.training.train)"),
+    "passkey": _add_passthrough("passkey", "passkey retrieval at 2K-7K tokens, eviction vs "
+                                "no eviction (vllm_dms.tools.passkey)"),
 }
 
 
@@ -85,7 +87,8 @@ def _passthrough(module: str, func: str) -> Callable[[list[str]], int]:
 
 # Subcommands with their own argparse (lazy: training and eval import torch models).
 PASSTHROUGH = {"eval": _passthrough("vllm_dms.tools.quality", "main_eval"),
-               "train": _passthrough("vllm_dms.tools.training.train", "main")}
+               "train": _passthrough("vllm_dms.tools.training.train", "main"),
+               "passkey": _passthrough("vllm_dms.tools.passkey", "main")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
-"""The dms_fp8 path of the quality harness: vLLM's teacher-forced prompt logprobs, and metrics.
+"""The vLLM paths of the quality harness: vLLM's teacher-forced prompt logprobs, and metrics.
 
-``score_vllm`` runs ``vllm.LLM(model_dir, kv_cache_dtype="dms_fp8")`` once per window with
+``score_vllm`` runs ``vllm.LLM(model_dir, kv_cache_dtype="dms_fp8")`` (or ``fp8`` / ``auto`` on
+the base model: the floor rows; one engine may serve several contexts) once per window with
 ``SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0)``. vLLM returns, per prompt
 position t >= 1, a dict token id -> Logprob holding its top_k tokens and the actual token t. So
 only the top_k of vLLM's distribution is known, and every KLD here is computed on a coarser
@@ -131,7 +132,8 @@ def summarize(tot: dict, top_k: int) -> dict:
 
 
 # ------------------------------------------------------------------ the engine (GPU)
-def engine_args(window_len: int, top_k: int = TOP_K, **engine_kw) -> dict:
+def engine_args(window_len: int, top_k: int = TOP_K, kv_cache_dtype: str = "dms_fp8",
+                **engine_kw) -> dict:
     """LLM(...) keyword arguments: room for the window plus the one sampled token."""
     # no prefix caching: each finished window's slot is released, where arena_live reads it
     kw = dict(max_model_len=window_len + 1, gpu_memory_utilization=0.3, seed=0,
@@ -139,7 +141,7 @@ def engine_args(window_len: int, top_k: int = TOP_K, **engine_kw) -> dict:
     kw.update(engine_kw)
     if kw["max_model_len"] < window_len + 1:
         raise ValueError(f"max_model_len {kw['max_model_len']} < window {window_len} + 1")
-    kw["kv_cache_dtype"] = "dms_fp8"  # the path under test, whatever the caller passed
+    kw["kv_cache_dtype"] = kv_cache_dtype  # dms_fp8, or fp8 / auto for vLLM's own floor rows
     return kw
 
 
@@ -163,15 +165,27 @@ def arena_live(llm, n_tokens: int) -> torch.Tensor:
     return live
 
 
-def score_vllm(model_dir: str, windows: torch.Tensor, *, top_k: int = TOP_K,
-               read_live: bool = True, **engine_kw) -> VllmScores:
-    """Teacher-forced top-k logprobs of each window [n, T] from vLLM with dms_fp8, one request
-    at a time (so the released slot is that window's); live counts when read_live."""
-    if read_live:  # the arena can only be read from the process that runs the worker
+def open_engine(model_dir: str, max_len: int, top_k: int = TOP_K,
+                kv_cache_dtype: str = "dms_fp8", read_live: bool = True, **engine_kw):
+    """-> (vllm.LLM for windows up to max_len tokens, its keyword arguments)."""
+    if read_live and kv_cache_dtype == "dms_fp8":  # the arena is readable in-process only
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
-    kw = engine_args(windows.shape[1], top_k, **engine_kw)
-    llm = LLM(model_dir, **kw)
+    from vllm import LLM
+    kw = engine_args(max_len, top_k, kv_cache_dtype, **engine_kw)
+    return LLM(model_dir, **kw), kw
+
+
+def score_vllm(model_dir: str, windows: torch.Tensor, *, top_k: int = TOP_K,
+               read_live: bool = True, kv_cache_dtype: str = "dms_fp8", engine=None,
+               **engine_kw) -> VllmScores:
+    """Teacher-forced top-k logprobs of each window [n, T] from vLLM, one request at a time
+    (so the released slot is that window's); live counts when read_live and dms_fp8.
+    engine: an (LLM, kwargs) pair from open_engine to reuse (one engine, several contexts)."""
+    read_live = read_live and kv_cache_dtype == "dms_fp8"
+    from vllm import SamplingParams
+    own = engine is None
+    llm, kw = engine or open_engine(model_dir, windows.shape[1], top_k, kv_cache_dtype,
+                                    read_live, **engine_kw)
     sp = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0.0)
     out, live, note = [], [], "" if read_live else "not requested"
     for ids in windows:
@@ -182,5 +196,6 @@ def score_vllm(model_dir: str, windows: torch.Tensor, *, top_k: int = TOP_K,
                 live.append(arena_live(llm, ids.numel()))
             except Exception as e:  # a diagnostic: losing it must not lose the KLD rows
                 note = f"engine live counts unavailable: {type(e).__name__}: {e}"
-    del llm
+    if own:
+        del llm
     return VllmScores(out, None if note else torch.stack(live), note, kw)
