@@ -36,6 +36,9 @@ from test_cpu_llm import random_prompts  # noqa: E402
 ENV = {"PYTHONPATH": f"{REPO}:{TESTS / 'cpu_site'}:{TESTS}", "VLLM_DMS_CPU_ENGINE": "1",
        "VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 MARGIN = 10.0  # smallest |decision logit| the exact TP test needs (and 10x the bf16 drift)
+# smallest top-1 minus top-2 logprob of a greedy step it needs: bf16 logits near 10 lie 1/16
+# apart, and TP=2 moved a top-2 logprob by up to 0.06 (one such step) on this checkpoint
+LEAD = 0.15
 # block 16: fine enough that a 100-token prompt's measured rows take fewer blocks than its dense
 # bound; no prefix caching: finished rows are released (not kept as entries), which is checked
 KW = dict(max_model_len=640, kv_cache_memory_bytes=1 << 24, block_size=16,
@@ -59,8 +62,9 @@ def run(llm, rounds, n):
     eng = llm.llm_engine
     sched = eng.engine_core.engine_core.scheduler
     mgr = sched.dms
-    sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
-    res = dict(tokens={}, held=[], dense=[])
+    sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False,
+                        logprobs=2)
+    res = dict(tokens={}, logprobs={}, held=[], dense=[])
     for r, prompts in enumerate(rounds):
         for i, p in enumerate(prompts):
             eng.add_request(f"{r}.{i}", {"prompt_token_ids": p}, sp)
@@ -69,6 +73,9 @@ def run(llm, rounds, n):
                 if o.finished:
                     rid = o.request_id.split("-")[0]  # ours, without vLLM's suffix if any
                     res["tokens"][rid] = list(o.outputs[0].token_ids)
+                    res["logprobs"][rid] = [sorted((x.logprob for x in d.values()),
+                                                   reverse=True)[:2]
+                                            for d in o.outputs[0].logprobs]
             for req in sched.running:  # the round's long prompt (vLLM suffixes request ids)
                 if req.num_prompt_tokens == max(map(len, prompts)):
                     res["held"].append(mgr.held_blocks(req.request_id))
@@ -136,6 +143,12 @@ def pairs(rounds, tokens):
     return [(p, tokens[f"{r}.{i}"]) for r, ps in enumerate(rounds) for i, p in enumerate(ps)]
 
 
+def leads(run):
+    """The top-1 minus top-2 logprob of each greedy step of a run, and those top-2 values."""
+    top = [step for steps in run["logprobs"].values() for step in steps]
+    return [a - b for a, b in top], top
+
+
 def decision_margin(model_dir, prompts_and_outputs):
     """(margin, drift) over every prompt + its output, every layer, token and KV head: margin is
     the smallest |decision logit| of the exact reference (fp32; prompt K/V bf16, decode K/V FP8,
@@ -186,23 +199,30 @@ def test_mp_executor_releases_reach_the_worker(ckpt, rounds, uni):
 
 def test_tp2_equals_tp1_in_every_layer_when_decisions_clear_the_rounding(clear_ckpt, rounds):
     """TP=2 against TP=1 (both in one interpreter) on a checkpoint whose decision logits are all
-    at least MARGIN from the threshold, measured with the exact reference on these prompts and
-    the engine's tokens, and at least 10 times their bf16 drift: TP's all-reduce cannot flip a
-    decision, so greedy tokens and every (layer, slot, KV head) live count must be equal."""
+    at least MARGIN from the threshold and 10 times their bf16 drift (measured with the exact
+    reference on these prompts and TP=1's tokens), and whose greedy steps at TP=1 lead by at
+    least LEAD: TP's all-reduce can then flip neither a decision nor a token, so greedy tokens
+    and every (layer, slot, KV head) live count must be equal. 5 tokens: the 100-token prompt's
+    6th step is a near-tie (its reference lead is 0.003)."""
+    n = 5
     tp1, tp2 = engines(clear_ckpt, rounds, [dict(max_num_seqs=4),
-                                            dict(max_num_seqs=4, tensor_parallel_size=2)])
+                                            dict(max_num_seqs=4, tensor_parallel_size=2)], n=n)
     margin, drift = decision_margin(clear_ckpt, pairs(rounds, tp1["tokens"]))
-    print(f"clear checkpoint: decision margin {margin:.3f}, bf16 drift {drift:.3f}")
+    (lead1, top1), (_, top2) = leads(tp1), leads(tp2)
+    moved = max(abs(a - b) for x, y in zip(top1, top2) for a, b in zip(x, y))
+    print(f"clear checkpoint: decision margin {margin:.3f}, bf16 drift {drift:.3f}, smallest "
+          f"TP=1 lead {min(lead1):.3f}, largest TP=2 top-2 logprob move {moved:.4f}")
     assert margin >= MARGIN and margin >= 10 * drift, (margin, drift)
+    assert min(lead1) >= LEAD, lead1
     assert len(tp1["idle"]) == 1 and len(tp2["idle"]) == 2, "one arena per rank"
     check_run(tp1)
     check_run(tp2)
-    assert tp2["tokens"] == tp1["tokens"] and sum(map(len, tp1["tokens"].values())) == 4 * 6
+    assert tp2["tokens"] == tp1["tokens"] and sum(map(len, tp1["tokens"].values())) == 4 * n
     one, two = live_by_head(tp1), live_by_head(tp2)
     assert two == one, (one, two)
-    for layer in one:  # eviction is real in every layer and head: the 106-token row
+    for layer in one:  # eviction is real in every layer and head: the 100-token prompt's row
         longest = max(layer.values(), key=sum)
-        assert all(0 < n < 100 for n in longest), layer
+        assert all(0 < k < 100 for k in longest), layer
 
 
 def test_tp2_on_the_plain_model_is_within_one_key(ckpt, rounds, uni):
@@ -220,6 +240,9 @@ def test_tp2_on_the_plain_model_is_within_one_key(ckpt, rounds, uni):
     per_rank = [sum(map(sum, r["rows"][0])) for r in run["last_round"]]
     assert all(per_rank), f"each rank holds live keys of its own head: {per_rank}"
     tp1, tp2 = live_by_head(uni), live_by_head(run)
+    print("plain checkpoint, TP=2 minus TP=1 live counts per layer, slot, head:",
+          [{s: [b - a for a, b in zip(h, two[s])] for s, h in one.items()}
+           for one, two in zip(tp1, tp2)])
     assert tp2[0] == tp1[0]
     for one, two in zip(tp1[1:], tp2[1:]):
         assert one.keys() == two.keys()
