@@ -151,8 +151,8 @@ def leads(run):
 
 def decision_margin(model_dir, prompts_and_outputs):
     """(margin, drift) over every prompt + its output, every layer, token and KV head: margin is
-    the smallest |decision logit| of the exact reference (fp32; prompt K/V bf16, decode K/V FP8,
-    as the engine), drift the largest move of a decision logit when the reference rounds every
+    the smallest |decision logit| of the exact reference (fp32; K/V on the FP8 grid, as the
+    engine), drift the largest move of a decision logit when the reference rounds every
     activation to bf16 instead (the size of rounding noise on this model)."""
     from transformers import LlamaForCausalLM
     from vllm_dms.engine.config import DMSConfig
@@ -162,7 +162,7 @@ def decision_margin(model_dir, prompts_and_outputs):
     margin, drift = float("inf"), 0.0
     for p, out in prompts_and_outputs:
         seq = torch.tensor(p + out[:-1])  # the last output token is never fed to the model
-        exact, bf16 = (reference_forward(model, dms, seq, kv_fp8_from=len(p), dtype=dt)
+        exact, bf16 = (reference_forward(model, dms, seq, kv_fp8=True, dtype=dt)
                        for dt in (torch.float32, torch.bfloat16))
         margin = min(margin, float(exact.lane_logits.abs().min()))
         drift = max(drift, float((exact.lane_logits - bf16.lane_logits).abs().max()))

@@ -126,10 +126,11 @@ def test_windows_prompts_and_rows(tmp_path):
 
 # ------------------------------------------------------------------ the dms_fp8 path, engine faked
 def fake_vllm_scores(model, dms, wins, top_k, live=True) -> VllmScores:
-    """What a perfect engine would return: the evict reference's own top-k and live counts."""
+    """What a perfect engine would return: the evict reference's own top-k and live counts (K/V
+    on the FP8 grid, as dms_fp8 reads them)."""
     out, lives = [], []
     for ids in wins:
-        ev = reference_forward(model, dms, ids, evict=True)
+        ev = reference_forward(model, dms, ids, evict=True, kv_fp8=True)
         lp = F.log_softmax(ev.logits[:-1].double(), -1)
         out.append(WindowLogprobs(lp[torch.arange(ids.numel() - 1), ids[1:]],
                                   *topk_of(ev.logits[:-1], top_k)))
@@ -139,7 +140,7 @@ def fake_vllm_scores(model, dms, wins, top_k, live=True) -> VllmScores:
 
 def test_dms_fp8_scores_of_an_engine_equal_to_the_reference(model):
     dms, wins = dms_for(model, window=3), windows()
-    ref = score_reference(model, dms, wins)
+    ref = score_reference(model, dms, wins, kv_fp8=True)
     s = score_dms_fp8(model, dms, wins, fake_vllm_scores(model, dms, wins, 5), top_k=5)
     assert s["kld_vs_reference_evict"] == 0.0 and s["token_match_vs_reference_evict"] == 1.0
     assert s["kld_support"] == "top5+tail" and s["tokens_scored"] == 117

@@ -145,12 +145,12 @@ def _add(tot: dict, part: dict) -> None:
 def score_dms_fp8(model, dms: DMSConfig, windows: torch.Tensor, vs: VllmScores,
                   top_k: int = TOP_K, base_model=None) -> dict:
     """vLLM's dms_fp8 logprobs (vs, from score_vllm on these windows) against the exact
-    reference (no-evict and evict runs, without FP8 K/V: a prefill attends its bf16 K/V) and,
+    reference (no-evict and evict runs, every K/V on the FP8 grid as the engine reads it) and,
     with base_model, against the base (kld_vs_base, token_match)."""
     tot, ref, live, vb = {}, {}, [], dict(kld=0.0, match=0)
     for ids, wl in zip(windows, vs.windows):
-        ev = reference_forward(model, dms, ids, evict=True)
-        ne = reference_forward(model, dms, ids, evict=False)
+        ev = reference_forward(model, dms, ids, evict=True, kv_fp8=True)
+        ne = reference_forward(model, dms, ids, evict=False, kv_fp8=True)
         _add(tot, window_stats(wl, ne.logits, ev.logits))
         if base_model is not None:
             bl = base_logits(base_model, ids).to(ev.logits.device)
@@ -279,8 +279,8 @@ def evaluate(model_dir: str, *, base_dir: str, name: str, path: str = "reference
     (the plain model). The vLLM paths need a GPU; the references run on `device`."""
     from transformers import AutoTokenizer
     if path != "reference" and kv_fp8:
-        raise ValueError("kv_fp8 with a vLLM path: the engine's prefill attends bf16 K/V, so "
-                         "the reference it is compared with has no FP8 round trip")
+        raise ValueError("kv_fp8 with a vLLM path: the FP8 round trip is the engine's own "
+                         "(vLLM's fp8 cache, or dms_fp8 against an FP8 reference)")
     if path not in PATHS:
         raise ValueError(f"path {path!r}: want one of {PATHS}")
     t0 = time.time()
@@ -344,7 +344,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/...)")
     a = p.parse_args(argv)
     if a.path != "reference" and a.kv_fp8:
-        p.error("--kv-fp8 is for --path reference (the engine's prefill attends bf16 K/V)")
+        p.error("--kv-fp8 is for --path reference (a vLLM path's K/V are FP8 by its dtype)")
     model_dir, name = resolve_model(a.model_dir, a.name)
     from vllm_dms.tools.checkpoints import smollm2_base
     base_dir = a.base_dir or smollm2_base()
