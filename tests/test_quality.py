@@ -221,11 +221,13 @@ def test_evaluate_rows_per_context_and_path(model, tmp_path, monkeypatch):
     wins = windows(1, 200)[0][:80].view(2, 40)
     assert row["ppl_base"] == pytest.approx(base_ppl(model, wins), rel=1e-5)
     # the same model as base: any KLD against the base comes from DMS (lane zeroed + eviction)
-    ref = score_reference(model, DMSConfig.from_checkpoint(ckpt), wins, base_model=model)
+    dms = DMSConfig.from_checkpoint(ckpt)
+    ref = score_reference(model, dms, wins, base_model=model)
+    ref8 = score_reference(model, dms, wins, kv_fp8=True, base_model=model)  # as dms_fp8 reads
     assert row["kld_vs_base"] > 0 and row["token_match"] < 1.0
-    assert row["details"]["reference_kld_vs_noevict"] == pytest.approx(ref["kld_vs_noevict"])
-    assert row["ppl_noevict"] == pytest.approx(ref["ppl_noevict"], rel=1e-6)
-    assert row["measured_compression"] == pytest.approx(ref["measured_compression"])
+    assert row["details"]["reference_kld_vs_noevict"] == pytest.approx(ref8["kld_vs_noevict"])
+    assert row["ppl_noevict"] == pytest.approx(ref8["ppl_noevict"], rel=1e-6)
+    assert row["measured_compression"] == pytest.approx(ref8["measured_compression"])
     floor = quality.evaluate(ckpt, base_dir=src, name="tiny", path="vllm-fp8", windows=2,
                              contexts=(40,), top_k=5, date="2026-01-02")[0]
     assert seen["open"][0] == src and seen["open"][3] == "fp8"  # the base, vLLM's own fp8 KV
