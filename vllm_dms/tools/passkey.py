@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import random
 import re
@@ -182,17 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge_rows(path: str, rows: list[dict]) -> list[dict]:
     """Add rows to the JSON list at path, replacing rows with the same (model, path, mode)."""
-    old = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-    key = lambda r: (r["model"], r["path"], r["mode"])  # noqa: E731
-    new = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new] + rows
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(merged, f, indent=2)
-    return merged
+    from vllm_dms.tools.quality import merge_rows as merge
+    return merge(path, rows, fields=("model", "path", "mode"))
 
 
 def _device(path: str, device: str) -> str:

@@ -232,13 +232,13 @@ def make_row(model_name: str, path: str, dms: DMSConfig | None, context: int, sc
     return row
 
 
-def merge_rows(path: str, rows: list[dict]) -> list[dict]:
-    """Append rows to the JSON list at path, replacing rows with the same (model, path, context)."""
+def merge_rows(path: str, rows: list[dict], fields=("model", "path", "context")) -> list[dict]:
+    """Append rows to the JSON list at path, replacing rows with the same values of fields."""
     old = []
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-    key = lambda r: (r["model"], r["path"], r.get("context"))  # noqa: E731
+    key = lambda r: tuple(r.get(k) for k in fields)  # noqa: E731
     keys = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in keys] + rows
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
