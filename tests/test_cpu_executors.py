@@ -105,9 +105,9 @@ def clear_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rounds():
+def rounds():  # seed 1003 for the 9-token (W + 1) prompt: every greedy step clears LEAD
     return [random_prompts(1, 40, seed=40) + random_prompts(1, 150, seed=150),
-            random_prompts(1, 9, seed=9) + random_prompts(1, 100, seed=100)]
+            random_prompts(1, 9, seed=1003) + random_prompts(1, 100, seed=100)]
 
 
 def engines(ckpt, rounds, engines, repeat=1, n=6):

@@ -69,7 +69,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts():
-    return [random_prompts(1, n, seed=n)[0] for n in (40, 9, 100, 120)]
+    # the 9-token prompt (W + 1) of seed 1003: seed 9's 3rd greedy step is a near-tie at TP=1
+    return [random_prompts(1, n, seed=1003 if n == 9 else n)[0] for n in (40, 9, 100, 120)]
 
 
 @pytest.fixture(scope="module")
