@@ -58,8 +58,9 @@ print(b('$TS/out/dms_delta.safetensors', '$NEWCKPT', base_dir='$HOME/models/smol
 suite() {  # suite NAME TIMEOUT PYTEST_ARGS...: JUnit + log under $OUT, engine logs tarred
   local name=$1 t=$2; shift 2
   rm -rf /tmp/gpu-logs-$name
-  # per-test timeout (pytest-timeout): a hung test fails alone and the JUnit file is still written
-  VLLM_DMS_GPU_LOG_DIR=/tmp/gpu-logs-$name PYTHONPATH=$PWD:${PYTHONPATH:-} timeout $t python3 -m pytest -q \
+  # per-test timeout (pytest-timeout): a hung test fails alone and the JUnit file is still written;
+  # the suite's own limit sends SIGINT first, so pytest still writes its summary and JUnit file
+  VLLM_DMS_GPU_LOG_DIR=/tmp/gpu-logs-$name PYTHONPATH=$PWD:${PYTHONPATH:-} timeout -s INT -k 30 $t python3 -m pytest -q \
     -m gpu -p no:cacheprovider --timeout=${TEST_S:-300} --durations=20 --junitxml=$OUT/junit-gpu-$name.xml "$@" 2>&1 \
     | tee $OUT/$name.log | tail -25
   [ -d /tmp/gpu-logs-$name ] && tar -czf $OUT/engine-logs-$name.tgz -C /tmp gpu-logs-$name
