@@ -157,20 +157,26 @@ class SimEngine:
 
     def __init__(self, model: SimModel, model_dir: str, *, max_num_seqs: int = 4,
                  max_num_batched_tokens: int = 512, max_model_len: int = 512,
-                 num_blocks: int = 200, caching: bool = False, snapshot_stride: int | None = None):
+                 num_blocks: int = 200, caching: bool = False, snapshot_stride: int | None = None,
+                 async_scheduling: bool = False):
         from vllm_dms.worker.backend import DMSCompactAttentionImpl, DMSMetadataBuilder
-        from vllm_dms.engine.scheduler import DMSScheduler
+        from vllm_dms.engine.scheduler import DMSAsyncScheduler, DMSScheduler
         from vllm_dms.engine.spec import DMSCompactSpec
         dms = model.dms
         vc = make_vllm_config(model_dir, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
-                              max_model_len=max_model_len, enable_prefix_caching=caching)
+                              max_model_len=max_model_len, enable_prefix_caching=caching,
+                              async_scheduling=async_scheduling)
         vc.cache_config.cache_dtype = "dms_fp8"
         spec = DMSCompactSpec(block_size=16, num_kv_heads=dms.num_kv_heads,
                               head_size=dms.head_dim, dtype=torch.uint8, dms_window=dms.window,
                               dms_max_num_seqs=max_num_seqs)
         self.model, self.names = model, layer_names(dms.num_layers)
-        self.sched = make_scheduler(DMSScheduler, vc, spec, dms.num_layers, num_blocks)
+        cls = DMSAsyncScheduler if async_scheduling else DMSScheduler
+        self.sched = make_scheduler(cls, vc, spec, dms.num_layers, num_blocks)
+        self.is_async = async_scheduling
+        self.tokens: dict[str, list[int]] = {}  # the worker's copy: prompt + tokens it sampled
+        self.in_flight = None  # async: (SchedulerOutput, ModelRunnerOutput) not yet absorbed
         if snapshot_stride:
             self.sched.dms.snapshot_stride = snapshot_stride
         lay = self.sched.dms.layout
@@ -199,22 +205,31 @@ class SimEngine:
         return r
 
     def step(self) -> None:
+        """One engine step; async: as EngineCore's batch queue (schedule and run N+1, then
+        update_from_output(N)), so the scheduler plans with outputs a step behind."""
         out = self.sched.schedule()
         self.num_preempted += len(out.preempted_req_ids)
         for r in out.scheduled_new_reqs:
             self.block[r.req_id] = r.block_ids[0][0]
             self.first_computed.setdefault(r.req_id, r.num_computed_tokens)
+            self.tokens[r.req_id] = list(self.sched.requests[r.req_id].all_token_ids)
         c = out.scheduled_cached_reqs
         for i, rid in enumerate(c.req_ids):
             if rid in c.resumed_req_ids:
                 self.block[rid] = c.new_block_ids[i][0][0]
+                self.tokens[rid] = list(self.sched.requests[rid].all_token_ids)
         rows = sorted(out.num_scheduled_tokens.items(), key=lambda x: x[1] != 1)  # decodes first
         self.link.receive(getattr(out, ORDERS_ATTR))  # as the worker patch, before the forward
         mro = self._execute(rows)
         if rows:
             self.link.after_forward()
             setattr(mro, FEEDBACK_ATTR, self.link.report())
-        self.sched.update_from_output(out, mro)
+        if not self.is_async:
+            self.sched.update_from_output(out, mro)
+            return
+        prev, self.in_flight = self.in_flight, (out, mro)
+        if prev is not None:
+            self.sched.update_from_output(*prev)
 
     def _execute(self, rows) -> ModelRunnerOutput:
         if not rows:
@@ -222,16 +237,48 @@ class SimEngine:
         reqs = [self.sched.requests[rid] for rid, _ in rows]
         done = [r.num_computed_tokens - n for r, (_, n) in zip(reqs, rows)]
         lens = [n for _, n in rows]
+        logits, md, qsl = self._forward([self.block[rid] for rid, _ in rows], done, lens,
+                                        [self.tokens[r.request_id] for r in reqs])
+        assert int(self.runtime.overflow[0]) == 0, "a kernel overflowed the arena"
+        self.assert_pages_conserved()
+        sampled = []
+        for i, (r, d, n) in enumerate(zip(reqs, done, lens)):
+            slot = int(md.slots[i])
+            self.live.setdefault(r.request_id, {})[d + n] = int(self.runtime.slot_live[slot])
+            toks = self.tokens[r.request_id]
+            full = d + n >= len(toks)  # the prompt (and every output so far) is computed
+            sampled.append([int(logits[qsl[i + 1] - 1].argmax())] if full else [])
+            toks.extend(sampled[-1])
+        ids_ = [rid for rid, _ in rows]
+        return ModelRunnerOutput(req_ids=ids_, req_id_to_index={r: i for i, r in enumerate(ids_)},
+                                 sampled_token_ids=sampled)
+
+    def assert_pages_conserved(self) -> None:
+        """Every data sub-page of a layer is on its free stack or counted by one slot."""
+        from vllm_dms.worker.kernels.arena_ops import arena_state
+        lay = self.runtime.layout
+        for li, kv in enumerate(self.kvs):
+            free = int(arena_state(kv, lay).free_top[0])
+            held = int(self.runtime.layer_pages[li].sum())
+            assert free + held == lay.num_data_subpages, (li, free, held, "sub-pages leaked")
+
+    def runner_warmup(self, prompts: list[list[int]]) -> None:
+        """What the V2 runner's warmup_kernels does before serving: fake requests on block ids
+        1.. packed straight through the builder and impl, with no scheduler and no orders."""
+        self._forward(list(range(1, len(prompts) + 1)), [0] * len(prompts),
+                      [len(p) for p in prompts], prompts)
+
+    def _forward(self, blocks, done, lens, tokens):
+        """The model over rows (block id, tokens done, tokens now) -> (logits, metadata, qsl)."""
         i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
         qsl = [0] + torch.tensor(lens).cumsum(0).tolist()
         seq = [d + n for d, n in zip(done, lens)]
         cam = types.SimpleNamespace(
             query_start_loc=i32(qsl), query_start_loc_cpu=i32(qsl), seq_lens=i32(seq),
-            seq_lens_cpu_upper_bound=i32(seq), num_reqs=len(rows), num_actual_tokens=qsl[-1],
-            max_query_len=max(lens), block_table_tensor=i32([[self.block[rid]] for rid, _ in rows]))
+            seq_lens_cpu_upper_bound=i32(seq), num_reqs=len(lens), num_actual_tokens=qsl[-1],
+            max_query_len=max(lens), block_table_tensor=i32([[b] for b in blocks]))
         md = self.builder.build(0, cam)
-        ids = torch.tensor([t for r, d, n in zip(reqs, done, lens)
-                            for t in r.all_token_ids[d:d + n]])
+        ids = torch.tensor([t for toks, d, n in zip(tokens, done, lens) for t in toks[d:d + n]])
         pos = torch.cat([torch.arange(d, d + n) for d, n in zip(done, lens)])
 
         def attend(li, q, k, v):
@@ -242,21 +289,15 @@ class SimEngine:
                               self.kvs[li], md, out)
             return out.view_as(q)
 
-        logits = self.model.forward(ids, pos, attend)
-        assert int(self.runtime.overflow[0]) == 0, "a kernel overflowed the arena"
-        sampled = []
-        for i, (r, d, n) in enumerate(zip(reqs, done, lens)):
-            slot = int(md.slots[i])
-            self.live.setdefault(r.request_id, {})[d + n] = int(self.runtime.slot_live[slot])
-            full = d + n >= r.num_tokens  # the prompt (and every output so far) is computed
-            sampled.append([int(logits[qsl[i + 1] - 1].argmax())] if full else [])
-        ids_ = [rid for rid, _ in rows]
-        return ModelRunnerOutput(req_ids=ids_, req_id_to_index={r: i for i, r in enumerate(ids_)},
-                                 sampled_token_ids=sampled)
+        return self.model.forward(ids, pos, attend), md, qsl
 
     def run(self, max_steps: int = 5000) -> None:
         for _ in range(max_steps):
             if not self.sched.has_requests():
+                if self.in_flight is not None:  # async: the last step's output
+                    self.sched.update_from_output(*self.in_flight)
+                    self.in_flight = None
+                    continue
                 return
             self.step()
         raise AssertionError(f"not done after {max_steps} steps")

@@ -113,6 +113,27 @@ def test_preempted_requests_give_the_unpreempted_tokens(sim):
     assert eng.sched.dms.block_pool.get_num_free_blocks() == free0
 
 
+def test_runner_warmup_rows_are_gone_before_the_first_scheduled_step(sim):
+    """The V2 runner's warmup packs fake requests into slots 1.. behind the scheduler's back
+    (H100, 2026-12-07: r14 stopped with 'ledger violated'). The first scheduled step must start
+    from empty arenas: a pool with no spare block, async scheduling and preemption then give
+    the roomy run's tokens, and every sub-page is back on the free stacks at the end."""
+    from vllm_dms.worker.kernels.arena_ops import arena_state
+    model, d = sim
+    prompts = prompts_of([90, 100, 80, 110], seed=2)
+    roomy = SimEngine(model, d, max_model_len=160, num_blocks=400).generate(prompts, 36)
+    eng = SimEngine(model, d, max_model_len=160, num_blocks=16, async_scheduling=True)
+    eng.runner_warmup([[5, 6]] * 4)
+    lay = eng.runtime.layout
+    stray = [lay.num_data_subpages - int(arena_state(kv, lay).free_top[0]) for kv in eng.kvs]
+    assert stray == [4 * lay.num_kv_heads] * lay.num_layers  # one sub-page per fake row
+    assert eng.generate(prompts, 36) == roomy  # each step checks that no sub-page leaked
+    eng.link.receive(eng.sched.dms.link.take_orders())  # the last releases, as a next step would
+    assert [int(arena_state(kv, lay).free_top[0]) for kv in eng.kvs] == \
+        [lay.num_data_subpages] * lay.num_layers
+    assert eng.num_preempted >= 1, "the small pool should have preempted"
+
+
 def test_prefix_reuse_gives_the_same_tokens(sim):
     """A 200-token system prompt with a first question, its follow-up turn, then 7 other
     questions at once, with prefix caching on and off: the same tokens. With caching on the

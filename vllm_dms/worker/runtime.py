@@ -51,6 +51,19 @@ class DMSRuntime:
             arena_init(kv, self.layout)
         self._kv_refs = [weakref.ref(kv) for kv in kv_layers]  # weak: never pin a dead engine
 
+    def reset(self) -> None:
+        """Empty every arena and zero every counter (before the first scheduled step).
+
+        Whatever ran before it was no request of the scheduler's: the V2 runner's warmup feeds
+        fake requests on block ids 1.. (slots 1..) straight to the worker, and their rows would
+        otherwise keep sub-pages that the ledger counts as free.
+        """
+        self.init_arenas(self.kv_layers())
+        for t in (self.layer_pages, self.slot_ntok, self.slot_live, self.slot_tag,
+                  self.overflow, self.feedback):
+            t.zero_()
+        self.overflow_host.zero_()
+
     def kv_layers(self) -> list[torch.Tensor]:
         return [r() for r in self._kv_refs]
 
@@ -152,9 +165,20 @@ class WorkerLink:
     def __init__(self) -> None:
         self.runtime: DMSRuntime | None = None  # made by the first metadata build
         self.snapshots: list[tuple[int, int, int, int]] = []  # for the next build
+        self.scheduled = False  # a step of the DMS scheduler has arrived
 
     def receive(self, orders: StepOrders | None) -> None:
-        """Before the step's forward: release and fork now, queue snapshots for the build."""
+        """Before the step's forward: release and fork now, queue snapshots for the build.
+
+        ``None``: a step the DMS scheduler did not make (no orders attribute). The first one it
+        did make starts from empty arenas (``DMSRuntime.reset``: warmup rows are not requests).
+        """
+        if orders is None:
+            return
+        if not self.scheduled:
+            self.scheduled = True
+            if self.runtime is not None:
+                self.runtime.reset()
         if not orders:
             return
         rt = self.runtime
