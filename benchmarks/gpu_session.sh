@@ -51,9 +51,12 @@ random_ckpt() {  # the engine tests' checkpoint, built once per machine
     .gpu/ckpt/llama-3.2-1b-dms-cr8 > /dev/null
 }
 ensure_trained() {  # the trained checkpoint, built from the latest delta if training paused
+  # (no training on this machine: the delta of the 2026-12-07 run, committed with the package)
+  local d=$TS/out/dms_delta.safetensors
+  [ -f $d ] || d=$PWD/vllm_dms/data/smollm2-135m-dms-cr8-w256.safetensors
   [ -f $QCKPT/config.json ] || [ "$QCKPT" != "$NEWCKPT" ] || PYTHONPATH=$PWD:${PYTHONPATH:-} python3 -c "
 from vllm_dms.tools.training.delta import build_from_delta as b
-print(b('$TS/out/dms_delta.safetensors', '$NEWCKPT', base_dir='$HOME/models/smollm2'))"
+print(b('$d', '$NEWCKPT', base_dir='$HOME/models/smollm2'))"
 }
 suite() {  # suite NAME TIMEOUT PYTEST_ARGS...: JUnit + log under $OUT, engine logs tarred
   local name=$1 t=$2; shift 2
@@ -144,8 +147,8 @@ for _ in range(150):
         name=$([ ${path#vllm-} = $path ] && echo ${QNAME:-smollm2-135m-dms-gpu-cr8-w256} || echo smollm2-135m)
         $T python3 -m vllm_dms.tools.cli eval $QCKPT --base-dir $HOME/models/smollm2 --path $path \
           --contexts 1024 4096 --windows 4 --top-k 100 --enforce-eager --name $name \
-          --gpu-memory-utilization 0.3 --out $OUT/quality-smollm2-135m.json 2>&1 \
-          | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -4
+          --gpu-memory-utilization 0.3 --out $OUT/quality-smollm2-135m.json > $OUT/quality-$path.log 2>&1
+        grep -v "^INFO\|^WARNING\|^(EngineCore" $OUT/quality-$path.log | tail -4
       done ;;
     passkey-smollm2)
       ensure_trained

@@ -45,15 +45,17 @@ def test_chunked_prefill_matches_one_shot(dms_ckpt):
 
 def conversation(e, turn1, follow_ups, n=32):
     """A chat: each turn re-sends the previous turns and answers plus a new question.
-    Returns (prompts, answers) of the follow-up turns."""
-    asked, answers, seq = [], [], list(turn1)
+    Returns (prompts, answers) of the follow-up turns and the prefix-cache hits of each."""
+    asked, answers, hits, seq = [], [], [], list(turn1)
     for q in follow_ups:
         seq = seq + q
+        before = e.metric(HITS)
         a = e.tokens([seq], n)[0]
+        hits.append(e.metric(HITS) - before)
         asked.append(seq)
         answers.append(a)
         seq = seq + a
-    return asked, answers
+    return asked, answers, hits
 
 
 def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_caching(dms_ckpt):
@@ -68,15 +70,17 @@ def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_cachi
             first = e.tokens(qs[:1], 64)  # its prefill makes the snapshots
             rest = e.tokens(qs[1:], 64)  # the 7 others fork the 4096-token snapshot
             hits_q = e.metric(HITS)
-            chat = conversation(e, qs[0] + first[0], turns)  # each follow-up takes its turn
-            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q,
-                             hits=e.metric(HITS))
+            *chat, turn_hits = conversation(e, qs[0] + first[0], turns)  # each takes its turn
+            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q, turn_hits=turn_hits)
         # caching on vs off: each run's tokens near-greedy under the other engine
         assert_near_greedy(off, qs, res["on"]["tokens"], TOL)
         assert_near_greedy(off, *res["on"]["chat"], TOL)
     finally:
         off.close()
         on.close()
-    assert res["off"]["hits"] == 0
-    assert res["on"]["hits_q"] >= 7 * 4096, res["on"]
-    assert res["on"]["hits"] - res["on"]["hits_q"] >= 4 * (4096 + 40), res["on"]
+    assert res["off"]["hits_q"] == 0 and res["off"]["turn_hits"] == [0] * 4
+    assert res["on"]["hits_q"] >= 7 * 4096, res["on"]["hits_q"]
+    # the first follow-up forks the 4096 snapshot (or takes question 0's row if it is still
+    # cached); each later one takes the previous turn's row: its whole prompt and answer
+    hits = res["on"]["turn_hits"]
+    assert hits[0] >= 4096 and all(h >= 4096 + 40 + 64 for h in hits[1:]), hits

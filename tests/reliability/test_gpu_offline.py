@@ -79,8 +79,15 @@ def test_r5_engines_in_one_process_dense_dms_dense_dms(ckpts, dms_eager, plain_e
     """, dict(order=[[plain, "auto", 8], [dms, "dms_fp8", 8], [plain, "auto", 8],
                      [dms, "dms_fp8", 4]], kw=EAGER, prompts=ps),
         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})["seq"]
-    assert res[0] == res[2] == plain_eager.tokens(ps, 48)
-    assert res[1] == res[3] == dms_eager.tokens(ps, 48)  # other max_num_seqs: own arena
+    # In one process the runs batch alike: exact. Nothing the DMS engine leaves behind
+    # changes the dense engine after it; max_num_seqs 4 gets an arena of its own.
+    assert res[0] == res[2], "a dense engine after a DMS engine in the same process differs"
+    assert res[1] == res[3]
+    # Engines in other processes receive the prompts over time (their first step may batch
+    # fewer of them: other GEMM shapes, H100 2026-12-07 flipped a near-tie at token 23 of 48):
+    # each token the other engine's greedy choice within TOL.
+    assert_near_greedy(plain_eager, ps, res[0], TOL)
+    assert_near_greedy(dms_eager, ps, res[1], TOL)
 
 
 def test_r14_forced_preemption_counted_and_near_greedy(ckpts):

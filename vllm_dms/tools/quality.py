@@ -204,6 +204,9 @@ def _compression_fields(vs: VllmScores, ref_live: torch.Tensor, T: int) -> dict:
 
 # ------------------------------------------------------------------ rows and the CLI
 def git_commit() -> str:
+    """$VLLM_DMS_COMMIT when set (GPU sessions: the device's git may not know the tree's HEAD)."""
+    if os.environ.get("VLLM_DMS_COMMIT"):
+        return os.environ["VLLM_DMS_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__), check=True).stdout.strip()
