@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 TOP_K = 20
 TAIL_FLOOR = 1e-12  # vLLM's top_k mass can round to >= 1 (fp32): keep log(q_tail) finite
+# A reference top-1 that leads by less than this (logit nats) may flip between a bf16 engine and
+# the fp32 reference (and with it a near-threshold eviction decision): "clear" positions lead more.
+CLEAR_NATS = 1.0
 
 
 def kld_support(top_k: int) -> str:
@@ -114,11 +117,22 @@ def token_matches(wl: WindowLogprobs, ref_logits: torch.Tensor) -> int:
     return int((wl.top_ids[:, 0] == ref_logits[:-1].argmax(-1).cpu()).sum())
 
 
+def clear_matches(wl: WindowLogprobs, ref_logits: torch.Tensor) -> tuple[int, int]:
+    """(positions whose reference top-1 leads its top-2 by >= CLEAR_NATS, vLLM's top-1 equal to
+    the reference's argmax among them)."""
+    top2 = ref_logits[:-1].float().topk(2, dim=-1)
+    clear = ((top2.values[:, 0] - top2.values[:, 1]) >= CLEAR_NATS).cpu()
+    same = wl.top_ids[:, 0] == top2.indices[:, 0].cpu()
+    return int(clear.sum()), int((same & clear).sum())
+
+
 def window_stats(wl: WindowLogprobs, ref_noevict: torch.Tensor, ref_evict: torch.Tensor) -> dict:
     """Sums for one window against both reference runs (logits [T, V] each)."""
+    n_clear, match_clear = clear_matches(wl, ref_evict)
     return dict(n=wl.actual.numel(), nll=float(-wl.actual.sum()),
                 kld=kld_vs_reference(wl, ref_noevict), match=token_matches(wl, ref_noevict),
-                kld_ev=kld_vs_reference(wl, ref_evict), match_ev=token_matches(wl, ref_evict))
+                kld_ev=kld_vs_reference(wl, ref_evict), match_ev=token_matches(wl, ref_evict),
+                n_clear_ev=n_clear, match_clear_ev=match_clear)
 
 
 def summarize(tot: dict, top_k: int) -> dict:
@@ -128,6 +142,8 @@ def summarize(tot: dict, top_k: int) -> dict:
                 ppl=float(torch.tensor(tot["nll"] / n).exp()),
                 kld_vs_reference_evict=tot["kld_ev"] / n,
                 token_match_vs_reference_evict=tot["match_ev"] / n,
+                clear_fraction_vs_reference_evict=tot["n_clear_ev"] / n,
+                token_match_vs_reference_evict_clear=tot["match_clear_ev"] / max(tot["n_clear_ev"], 1),
                 kld_support=kld_support(top_k))
 
 
