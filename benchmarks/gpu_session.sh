@@ -14,7 +14,7 @@
 #   correct-llama-v1              the same with VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner)
 #   correct-llama-chunked         the same with --enable-chunked-prefill, 256-token chunks
 #   train-smollm2                 issue 18: one resumable slice (TRAIN_MIN, default 7.5 min) of
-#                                 the LoRA retrofit (state in $HOME/train-smollm2, kept between
+#                                 the LoRA retrofit (state in $HOME/train-smollm2-$TAG, kept between
 #                                 calls); prints "train rc=0" when done (3: run it again); log,
 #                                 chart and delta to $OUT (needs smollm2 first)
 #   quality-smollm2               issue 18: vllm-dms eval at contexts 1024 and 4096: dms_fp8,
@@ -43,7 +43,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .gpu/ckpt ] || [ ! -f .gpu/pack/ckpt.tar.xz ] || tar -xJf .gpu/pack/ckpt.tar.xz -C .gpu
 SMOL=$HOME/models/smollm2-dms
 RANDOM_CKPT=$HOME/ckpt/random-llama-dms
-TS=$HOME/train-smollm2 NEWCKPT=$HOME/models/smollm2-dms-gpu-cr8-w256
+TAG=${TRAIN_TAG:-cr8-w256}  # names the trained delta, checkpoint and rows (say what TRAIN_ARGS changed)
+TS=$HOME/train-smollm2-$TAG NEWCKPT=$HOME/models/smollm2-dms-gpu-$TAG
 QCKPT=${QCKPT:-$NEWCKPT}
 T="timeout ${STAGE_S:-300}"
 random_ckpt() {  # the engine tests' checkpoint, built once per machine
@@ -53,7 +54,7 @@ random_ckpt() {  # the engine tests' checkpoint, built once per machine
 ensure_trained() {  # the trained checkpoint, built from the latest delta if training paused
   # (no training on this machine: the delta of the 2026-12-07 run, committed with the package)
   local d=$TS/out/dms_delta.safetensors
-  [ -f $d ] || d=$PWD/vllm_dms/data/smollm2-135m-dms-cr8-w256.safetensors
+  [ -f $d ] || d=$PWD/vllm_dms/data/smollm2-135m-dms-$TAG.safetensors
   [ -f $QCKPT/config.json ] || [ "$QCKPT" != "$NEWCKPT" ] || PYTHONPATH=$PWD:${PYTHONPATH:-} python3 -c "
 from vllm_dms.tools.training.delta import build_from_delta as b
 print(b('$d', '$NEWCKPT', base_dir='$HOME/models/smollm2'))"
@@ -144,7 +145,7 @@ for _ in range(150):
     quality-smollm2)
       ensure_trained
       for path in dms_fp8 vllm-fp8 vllm-bf16 reference; do
-        name=$([ ${path#vllm-} = $path ] && echo ${QNAME:-smollm2-135m-dms-gpu-cr8-w256} || echo smollm2-135m)
+        name=$([ ${path#vllm-} = $path ] && echo ${QNAME:-smollm2-135m-dms-gpu-$TAG} || echo smollm2-135m)
         $T python3 -m vllm_dms.tools.cli eval $QCKPT --base-dir $HOME/models/smollm2 --path $path \
           --contexts 1024 4096 --windows 4 --top-k 100 --enforce-eager --name $name \
           --gpu-memory-utilization 0.3 --out $OUT/quality-smollm2-135m.json > $OUT/quality-$path.log 2>&1
@@ -154,7 +155,7 @@ for _ in range(150):
       ensure_trained
       for mode in evict noevict base; do  # one engine per process: GPU memory is freed between
         $T python3 -m vllm_dms.tools.cli passkey $QCKPT --path dms_fp8 --base-dir \
-          $HOME/models/smollm2 --modes $mode --enforce-eager --name ${QNAME:-smollm2-135m-dms-gpu-cr8-w256} \
+          $HOME/models/smollm2 --modes $mode --enforce-eager --name ${QNAME:-smollm2-135m-dms-gpu-$TAG} \
           --out $OUT/passkey-smollm2-135m.json 2>&1 | grep "accuracy\|Error\|error" | tail -3
       done ;;
     train-smollm2)
@@ -167,7 +168,7 @@ for _ in range(150):
       echo "train rc=$? (0: done, 3: paused, run train-smollm2 again)"
       grep -v "^INFO\|^WARNING" $TS/stage.log | tail -22
       cp $TS/train-smollm2.jsonl $OUT/ && tail -1 $TS/train-smollm2.jsonl | cut -c1-400
-      cp $TS/out/dms_delta.safetensors $OUT/smollm2-135m-dms-cr8-w256.safetensors ;;
+      cp $TS/out/dms_delta.safetensors $OUT/smollm2-135m-dms-$TAG.safetensors ;;
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
