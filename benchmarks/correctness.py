@@ -105,7 +105,7 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
     differs from the fp32 reference and every such decision is near the threshold."""
     rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
                 decisions_near_threshold=0, decisions_within_2x=0, decisions_judged=0,
-                near_threshold_all=0, examples=[])
+                near_threshold_all=0, examples=[], farthest=[])
     for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
         differ = (a > 0) != fl
         margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
@@ -120,6 +120,12 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
                 rows["examples"].append(dict(prompt=p, layer=l, key=k, head=h,
                                              logit_fp32=float(a[l, k, h]),
                                              logit_bf16=float(b[l, k, h])))
+        # the differing decisions farthest from bf16 reach (margin = |fp32| / |fp32 - bf16|)
+        for m, i in zip(*margin[differ].topk(min(3, int(differ.sum()))), strict=True):
+            l, k, h = differ.nonzero()[int(i)].tolist()
+            rows["farthest"].append(dict(prompt=p, layer=l, key=k, head=h, margin=float(m),
+                                         logit_fp32=float(a[l, k, h]),
+                                         logit_bf16=float(b[l, k, h])))
         for l, h in bad:
             rows["rows_mismatched"] += 1
             cause = differ[: l + 1]
@@ -127,6 +133,7 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
                 rows["rows_without_cause"] += 1
             elif bool((near[: l + 1] == cause).all()):
                 rows["rows_explained"] += 1
+    rows["farthest"] = sorted(rows["farthest"], key=lambda e: -e["margin"])[:5]
     rows["explained_fraction"] = rows["rows_explained"] / max(rows["rows_mismatched"], 1)
     rows["near_threshold_base_rate"] = rows["near_threshold_all"] / max(rows["decisions_judged"], 1)
     return rows

@@ -27,6 +27,10 @@ def test_gap_analysis_classifies_rows_by_their_causes():
     assert abs(g["explained_fraction"] - 2 / 3) < 1e-12
     assert g["decisions_judged"] == 24 and g["near_threshold_all"] == 1
     assert {(e["layer"], e["key"], e["head"]) for e in g["examples"]} == {(0, 1, 0), (2, 3, 1)}
+    # farthest first: the far flip's margin is 0.5 / 0.05 = 10, the near one's 0.01 / 0.03
+    far = g["farthest"]
+    assert [(e["layer"], e["key"], e["head"]) for e in far] == [(2, 3, 1), (0, 1, 0)]
+    assert abs(far[0]["margin"] - 10.0) < 1e-4 and far[1]["margin"] < 1
 
 
 def test_gap_analysis_flags_a_mismatch_without_any_differing_decision():
