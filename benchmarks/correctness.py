@@ -115,17 +115,18 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
         rows["decisions_judged"] += differ.numel()  # base rate: how many are near at all
         rows["near_threshold_all"] += int((margin <= 1).sum())
-        for l, k, h in differ.nonzero().tolist()[:20]:
-            if len(rows["examples"]) < 12:
-                rows["examples"].append(dict(prompt=p, layer=l, key=k, head=h,
-                                             logit_fp32=float(a[l, k, h]),
-                                             logit_bf16=float(b[l, k, h])))
+        where = differ.nonzero().tolist()  # row-major, as margin[differ]
+
+        def decision(i, **extra):
+            l, k, h = where[i]
+            return dict(prompt=p, layer=l, key=k, head=h, logit_fp32=float(a[l, k, h]),
+                        logit_bf16=float(b[l, k, h]), **extra)
+        rows["examples"] += [decision(i) for i in range(min(12 - len(rows["examples"]),
+                                                            len(where)))]
         # the differing decisions farthest from bf16 reach (margin = |fp32| / |fp32 - bf16|)
-        for m, i in zip(*margin[differ].topk(min(3, int(differ.sum()))), strict=True):
-            l, k, h = differ.nonzero()[int(i)].tolist()
-            rows["farthest"].append(dict(prompt=p, layer=l, key=k, head=h, margin=float(m),
-                                         logit_fp32=float(a[l, k, h]),
-                                         logit_bf16=float(b[l, k, h])))
+        far = margin[differ].topk(min(3, len(where)))
+        rows["farthest"] += [decision(int(i), margin=float(m))
+                             for m, i in zip(far.values, far.indices, strict=True)]
         for l, h in bad:
             rows["rows_mismatched"] += 1
             cause = differ[: l + 1]

@@ -52,7 +52,7 @@ random_ckpt() {  # the engine tests' checkpoint, built once per machine
     .gpu/ckpt/llama-3.2-1b-dms-cr8 > /dev/null
 }
 ensure_trained() {  # the trained checkpoint, built from the latest delta if training paused
-  # (no training on this machine: the delta of the 2026-12-07 run, committed with the package)
+  # (no training on this machine: the package's delta of that TAG; cr8-w256 = the 2026-12-07 run)
   local d=$TS/out/dms_delta.safetensors
   [ -f $d ] || d=$PWD/vllm_dms/data/smollm2-135m-dms-$TAG.safetensors
   [ -f $QCKPT/config.json ] || [ "$QCKPT" != "$NEWCKPT" ] || PYTHONPATH=$PWD:${PYTHONPATH:-} python3 -c "

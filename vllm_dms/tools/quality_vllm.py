@@ -143,7 +143,8 @@ def summarize(tot: dict, top_k: int) -> dict:
                 kld_vs_reference_evict=tot["kld_ev"] / n,
                 token_match_vs_reference_evict=tot["match_ev"] / n,
                 clear_fraction_vs_reference_evict=tot["n_clear_ev"] / n,
-                token_match_vs_reference_evict_clear=tot["match_clear_ev"] / max(tot["n_clear_ev"], 1),
+                token_match_vs_reference_evict_clear=(tot["match_clear_ev"]
+                                                      / max(tot["n_clear_ev"], 1)),
                 kld_support=kld_support(top_k))
 
 
