@@ -19,7 +19,8 @@
 #                                 chart and delta to $OUT (needs smollm2 first)
 #   quality-smollm2               issue 18: vllm-dms eval at contexts 1024 and 4096: dms_fp8,
 #                                 vLLM fp8 and bf16 KV on the base (floor), exact reference on
-#                                 the GPU; $QCKPT (default: the checkpoint train-smollm2 built)
+#                                 the GPU; $QCKPT (default: the checkpoint train-smollm2 built),
+#                                 $QPATHS (default: all four)
 #   passkey-smollm2               issue 18: passkey 2K-7K tokens, depths 10-90%: dms_fp8 (evict),
 #                                 same checkpoint with kv auto (no-evict), plain base
 #   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
@@ -144,7 +145,7 @@ for _ in range(150):
         --out $OUT/correctness-llama-3.2-1b.json 2>&1 | grep -v "^INFO\|^WARNING" | tail -30 ;;
     quality-smollm2)
       ensure_trained
-      for path in dms_fp8 vllm-fp8 vllm-bf16 reference; do
+      for path in ${QPATHS:-dms_fp8 vllm-fp8 vllm-bf16 reference}; do
         name=$([ ${path#vllm-} = $path ] && echo ${QNAME:-smollm2-135m-dms-gpu-$TAG} || echo smollm2-135m)
         $T python3 -m vllm_dms.tools.cli eval $QCKPT --base-dir $HOME/models/smollm2 --path $path \
           --contexts 1024 4096 --windows 4 --top-k 100 --enforce-eager --name $name \

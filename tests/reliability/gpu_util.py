@@ -98,6 +98,14 @@ for line in sys.stdin:  # one job per line: {"prompts": [[ids]], "n": tokens, "m
     job = json.loads(line)
     res = dict(tokens=greedy(llm, job["prompts"], job["n"]) if job["prompts"] else [])
     res.update({p: metric(llm, p) for p in job.get("metrics", [])})
+    if job.get("dms_state"):  # the prefix store of an in-process engine (diagnosis)
+        from vllm_dms.worker.runtime import inprocess_engine
+        mgr = inprocess_engine(llm)[0]
+        res["dms_state"] = dict(
+            entries=[[e.slot, len(e.tokens), e.shared, e.ready, e.measured, len(e.held)]
+                     for e in (mgr.cache.entries() if mgr.cache is not None else [])],
+            free_slots=len(mgr._free_slots), running=len(mgr._slot_of),
+            free_blocks=mgr.block_pool.get_num_free_blocks())
     if job.get("score"):  # top-1 logprob minus the sequence's own token's, per position >= start
         from vllm import SamplingParams
         sp = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
@@ -165,6 +173,11 @@ class Engine:
     def metric(self, prefix: str) -> float:
         """Sum of vLLM's metrics named prefix* (needs disable_log_stats=False)."""
         return self.greedy([], 0, metrics=(prefix,))[prefix]
+
+    def dms_state(self) -> dict:
+        """Prefix entries [slot, L, shared, ready, measured, blocks], free slots and blocks
+        (needs VLLM_ENABLE_V1_MULTIPROCESSING=0 in env)."""
+        return self._job(prompts=[], n=0, dms_state=True)["dms_state"]
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -43,35 +43,41 @@ def test_chunked_prefill_matches_one_shot(dms_ckpt):
             e.close()
 
 
-def conversation(e, turn1, follow_ups, n=32):
+def conversation(e, turn1, follow_ups, n=32, state=False):
     """A chat: each turn re-sends the previous turns and answers plus a new question.
-    Returns (prompts, answers) of the follow-up turns and the prefix-cache hits of each."""
-    asked, answers, hits, seq = [], [], [], list(turn1)
+    Returns (prompts, answers) of the follow-up turns, the prefix-cache hits of each and, with
+    state, the engine's prefix entries before each turn (Engine.dms_state)."""
+    asked, answers, hits, states, seq = [], [], [], [], list(turn1)
     for q in follow_ups:
         seq = seq + q
+        if state:
+            states.append(dict(prompt=len(seq), **e.dms_state()))
         before = e.metric(HITS)
         a = e.tokens([seq], n)[0]
         hits.append(e.metric(HITS) - before)
         asked.append(seq)
         answers.append(a)
         seq = seq + a
-    return asked, answers, hits
+    return asked, answers, hits, states
 
 
 def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_caching(dms_ckpt):
     system = prompts(1, 4096, seed=40)[0]
     qs = [system + q for q in prompts(8, 40, seed=41)]
     turns = prompts(4, 24, seed=42)
+    # caching on in-process, so that each turn's prefix entries can be read (dms_state)
     off, on = started(engine(dms_ckpt, enable_prefix_caching=False),
-                      engine(dms_ckpt, enable_prefix_caching=True))
+                      engine(dms_ckpt, enable_prefix_caching=True,
+                             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     try:
         res = {}
         for name, e in (("off", off), ("on", on)):
             first = e.tokens(qs[:1], 64)  # its prefill makes the snapshots
             rest = e.tokens(qs[1:], 64)  # the 7 others fork the 4096-token snapshot
             hits_q = e.metric(HITS)
-            *chat, turn_hits = conversation(e, qs[0] + first[0], turns)  # each takes its turn
-            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q, turn_hits=turn_hits)
+            *chat, turn_hits, states = conversation(e, qs[0] + first[0], turns, state=e is on)
+            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q, turn_hits=turn_hits,
+                             states=states)
         # caching on vs off: each run's tokens near-greedy under the other engine
         assert_near_greedy(off, qs, res["on"]["tokens"], TOL)
         assert_near_greedy(off, *res["on"]["chat"], TOL)
@@ -83,4 +89,5 @@ def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_cachi
     # the first follow-up forks the 4096 snapshot (or takes question 0's row if it is still
     # cached); each later one takes the previous turn's row: its whole prompt and answer
     hits = res["on"]["turn_hits"]
-    assert hits[0] >= 4096 and all(h >= 4096 + 40 + 64 for h in hits[1:]), hits
+    assert hits[0] >= 4096 and all(h >= 4096 + 40 + 64 for h in hits[1:]), \
+        (hits, res["on"]["states"])
