@@ -71,6 +71,12 @@ def has_state(root: str | None) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, CURRENT, MANIFEST))
 
 
+def load_info(root: str) -> dict:
+    """The info saved with the state, without reading its tensors."""
+    with open(os.path.join(root, CURRENT, MANIFEST)) as f:
+        return json.load(f)["info"]
+
+
 def load_state(root: str) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (tensors, info) as saved by save_state."""
     from safetensors import safe_open

@@ -26,6 +26,7 @@ import time
 import torch
 
 from vllm_dms.engine.config import DMSConfig
+from vllm_dms.tools import texts as tx
 from vllm_dms.tools.training import state as st_mod
 from vllm_dms.tools.training.adapters import (ROW_MODES, BorrowedRows, Lora,  # noqa: F401
                                               effective_weights, lora_delta_bytes, tensor_name)
@@ -33,23 +34,26 @@ from vllm_dms.tools.training.soft import (LINEARS, kd_forward_kl, lane_keep_mask
                                           logistic_noise, owner_logits, soft_dms_bias,
                                           student_forward)
 
-TRAIN_TEXTS = ("plrabn12.txt", "asyoulik.txt", "lcet10.txt")  # alice29.txt is held out for eval
+_BROTLI_TRAIN = ("plrabn12.txt", "asyoulik.txt", "lcet10.txt")
+# training texts by corpus name; tx.HELD_OUT (alice29.txt) is in none: evaluation text only.
+# SmolLM2 tokens with one EOS per text: small 264,678 (the 2026-12-07 run: ~50 epochs in 800
+# steps of 8 x 2048), large 2,105,624 (~6 epochs)
+CORPORA = {"small": _BROTLI_TRAIN, "large": _BROTLI_TRAIN + tx.SHAKESPEARE + (tx.BOTCHAN,)}
 DELTA_NAME = "dms_delta.safetensors"
 # hyper-parameters a resumed run must share with the run that saved the state
 RECIPE_KEYS = ("cr", "window", "steps", "seq_len", "batch", "micro_batch", "lr", "lora_rank",
                "lora_alpha", "lora_lr", "tau", "ramp_frac", "comp_weight", "rows", "init",
                "rest_lr_scale", "seed", "alpha_scale", "alpha_offset", "decision_shift", "bf16",
-               "texts", "target_ctx", "min_lr_frac")
+               "corpus", "texts", "target_ctx", "min_lr_frac")
 
 
 # ------------------------------------------------------------------ data and schedules
-def token_stream(tokenizer, names=TRAIN_TEXTS) -> torch.Tensor:
+def token_stream(tokenizer, names=CORPORA["large"]) -> torch.Tensor:
     """All training texts tokenized and joined with EOS, as one 1-D LongTensor."""
-    from vllm_dms.tools.texts import gutenberg_text
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     ids: list[int] = []
     for name in names:
-        ids += tokenizer(gutenberg_text(name), add_special_tokens=False)["input_ids"] + [eos]
+        ids += tokenizer(tx.gutenberg_text(name), add_special_tokens=False)["input_ids"] + [eos]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -118,7 +122,7 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
           tau: float = 0.1, ramp_frac: float = 0.5, comp_weight: float = 1.0, rows: str = "lane",
           init: str = "zero", rest_lr_scale: float = 0.05, seed: int = 0,
           alpha_scale: float = 100.0, alpha_offset: float = 5.0, decision_shift: int = 1,
-          bf16: bool | None = None, texts=TRAIN_TEXTS, max_minutes: float | None = None,
+          bf16: bool | None = None, corpus: str | None = None, max_minutes: float | None = None,
           state_dir: str | None = None, run_steps: int | None = None, save_every: int = 200,
           target_ctx: int = 4096,
           min_lr_frac: float = 0.1, grad_ckpt: bool = False, model=None, tokenizer=None,
@@ -126,6 +130,9 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
     """Train (or continue, with state_dir) a DMS delta from base_dir; writes
     out_dir/dms_delta.safetensors and appends to the JSONL log. lora_rank 0 trains the rows only.
 
+    corpus names the training texts (CORPORA): "large" for a new run; a resumed run keeps its
+    state's and refuses another. The start event logs it (recipe) and its token count
+    (train_tokens_available).
     model / tokenizer / stream may be passed in (tests; base_dir None then skips the delta).
     bf16 (default: on for CUDA) runs the frozen model and the student's matmuls in bf16.
     Returns a summary dict (the log's last line) plus the trained tensors: "state" (rows only:
@@ -136,12 +143,17 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
     from vllm_dms.tools.training.delta import MAX_LORA_BYTES, save_delta, save_lora_delta
 
     t0 = time.time()
+    saved = st_mod.load_info(state_dir) if st_mod.has_state(state_dir) else None
+    corpus = corpus or (_saved_recipe(saved)["corpus"] if saved else "large")
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus {corpus!r}: not one of {sorted(CORPORA)}")
     recipe = dict(cr=cr, window=window, steps=steps, seq_len=seq_len, batch=batch,
                   micro_batch=micro_batch or batch, lr=lr, lora_rank=lora_rank,
                   lora_alpha=lora_alpha, lora_lr=lora_lr, tau=tau, ramp_frac=ramp_frac,
                   comp_weight=comp_weight, rows=rows, init=init, rest_lr_scale=rest_lr_scale,
                   seed=seed, alpha_scale=alpha_scale, alpha_offset=alpha_offset,
-                  decision_shift=decision_shift, bf16=None, texts=list(texts),
+                  decision_shift=decision_shift, bf16=None, corpus=corpus,
+                  texts=list(CORPORA[corpus]),
                   target_ctx=target_ctx, min_lr_frac=min_lr_frac)
     bf16 = device.startswith("cuda") if bf16 is None else bf16
     recipe["bf16"] = bf16
@@ -183,28 +195,30 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(seed)
     start, wall_before = 0, 0.0
-    resumed = st_mod.has_state(state_dir)
+    resumed = saved is not None
+    if resumed:  # before the corpus is tokenized
+        _check_recipe(state_dir, saved, recipe)
+    if stream is None:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_dir)
+        stream = token_stream(tokenizer, CORPORA[corpus])
+    n_tokens = int(stream.numel())
+    if resumed and saved.get("train_tokens", n_tokens) != n_tokens:  # same names, other text
+        raise ValueError(f"{state_dir}: saved over {saved['train_tokens']} training tokens, "
+                         f"now {n_tokens}: the texts or the tokenizer differ")
     if resumed:
         tensors, info = st_mod.load_state(state_dir)
-        if info["recipe"] != json.loads(json.dumps(recipe)):
-            diff = {k: (info["recipe"].get(k), recipe[k]) for k in recipe
-                    if info["recipe"].get(k) != json.loads(json.dumps(recipe[k]))}
-            raise ValueError(f"{state_dir}: saved with another recipe (saved, now): {diff}")
         with torch.no_grad():
             for n in names:
                 named[n].copy_(tensors[n].to(device))
         st_mod.load_optimizer(opt, tensors, info["param_groups"], names, device)
         data_gen.set_state(tensors["rng/data"])
         start, wall_before = info["step"], info["wall_s"]
-    if stream is None:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_dir)
-        stream = token_stream(tokenizer, texts)
     warmup = max(1, min(20, steps // 10))
     hold = int(round(ramp_frac * steps))
     log = open(log_path, "a" if resumed else "w")
     _log(log, dict(event="resume" if resumed else "start", at_step=start, recipe=recipe,
                    base_dir=os.path.abspath(base_dir) if base_dir else None, device=device,
-                   grad_ckpt=grad_ckpt, train_tokens_available=int(stream.numel()),
+                   grad_ckpt=grad_ckpt, train_tokens_available=n_tokens,
                    trainable_params=sum(p.numel() for p in params)))
     rec: dict = {}
     step, last_dt, comp_sum = start, 0.0, None
@@ -217,7 +231,7 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
         tens.update(opt_t)
         tens["rng/data"] = data_gen.get_state()
         info = dict(step=next_step, wall_s=round(wall_before + time.time() - t0, 2),
-                    recipe=recipe, param_groups=pg)
+                    recipe=recipe, train_tokens=n_tokens, param_groups=pg)
         return st_mod.save_state(state_dir, tens, info)
     while step < steps:
         if max_minutes is not None and time.time() - t0 + 2 * last_dt > 60 * max_minutes:
@@ -278,6 +292,20 @@ def train(base_dir: str | None, out_dir: str, *, cr: float = 8, window: int = 25
     _log(log, {k: v for k, v in summary.items() if k not in ("state", "lora", "rows")})
     log.close()
     return summary
+
+
+def _saved_recipe(info: dict) -> dict:
+    """The recipe a state was saved with; states from before the corpus option trained on small."""
+    return {"corpus": "small", **info["recipe"]}
+
+
+def _check_recipe(state_dir: str, info: dict, recipe: dict) -> None:
+    old, now = _saved_recipe(info), json.loads(json.dumps(recipe))
+    diff = {k: (old.get(k), now[k]) for k in now if old.get(k) != now[k]}
+    if "corpus" in diff:
+        diff.pop("texts", None)  # the texts follow from the corpus
+    if old != now:
+        raise ValueError(f"{state_dir}: saved with another recipe (saved, now): {diff}")
 
 
 def _finish(base_dir, out_dir, trained, lora, fields, rec, step, steps, live_layers, seq_len, t0,
@@ -345,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", type=int, choices=(0, 1), default=None)
     p.add_argument("--grad-ckpt", action="store_true", help="recompute layers in backward")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default=None,
+                   help="training texts (alice29 held out in both): large (default for a new "
+                   "run, ~2.1M SmolLM2 tokens) or small (3 brotli texts, 265K); a resumed run "
+                   "keeps its state's")
     p.add_argument("--log", default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -358,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
               lora_alpha=a.lora_alpha, lora_lr=a.lora_lr, device=a.device, log_path=a.log,
               tau=a.tau, ramp_frac=a.ramp_frac, comp_weight=a.comp_weight, rows=a.rows,
               init=a.init, rest_lr_scale=a.rest_lr_scale, seed=a.seed,
-              bf16=None if a.bf16 is None else bool(a.bf16), max_minutes=a.max_minutes,
+              bf16=None if a.bf16 is None else bool(a.bf16), corpus=a.corpus,
+              max_minutes=a.max_minutes,
               state_dir=a.state, run_steps=a.run_steps, save_every=a.save_every,
               target_ctx=a.target_ctx,
               min_lr_frac=a.min_lr_frac, grad_ckpt=a.grad_ckpt)
