@@ -98,6 +98,9 @@ def load_prompts(tok, max_prompts: int, prompt_tokens: int) -> list[list[int]]:
     return [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(max_prompts)]
 
 
+MARGIN_BINS = {"<=1": 1.0, "1-2": 2.0, "2-4": 4.0, "4-8": 8.0, ">8": float("inf")}
+
+
 def gap_analysis(l32, l16, engine_flags, mismatch_rows):
     """Per prompt: lane logits [L, cutoff, H] of the reference given the engine's decisions in
     fp32 / bf16, the engine's flags, and the (layer, head) rows whose live counts differ in the
@@ -105,7 +108,8 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
     differs from the fp32 reference and every such decision is near the threshold."""
     rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
                 decisions_near_threshold=0, decisions_within_2x=0, decisions_judged=0,
-                near_threshold_all=0, examples=[], farthest=[])
+                near_threshold_all=0, examples=[], farthest=[],
+                margin_histogram={k: 0 for k in MARGIN_BINS})
     for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
         differ = (a > 0) != fl
         margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
@@ -113,6 +117,10 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         rows["decisions_differing"] += int(differ.sum())
         rows["decisions_near_threshold"] += int(near.sum())
         rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
+        lo = -1.0  # differing decisions by margin: how far beyond bf16 reach the tail goes
+        for k, hi in MARGIN_BINS.items():
+            rows["margin_histogram"][k] += int((differ & (margin > lo) & (margin <= hi)).sum())
+            lo = hi
         rows["decisions_judged"] += differ.numel()  # base rate: how many are near at all
         rows["near_threshold_all"] += int((margin <= 1).sum())
         where = differ.nonzero().tolist()  # row-major, as margin[differ]

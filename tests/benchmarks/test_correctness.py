@@ -31,6 +31,7 @@ def test_gap_analysis_classifies_rows_by_their_causes():
     far = g["farthest"]
     assert [(e["layer"], e["key"], e["head"]) for e in far] == [(2, 3, 1), (0, 1, 0)]
     assert abs(far[0]["margin"] - 10.0) < 1e-4 and far[1]["margin"] < 1
+    assert g["margin_histogram"] == {"<=1": 1, "1-2": 0, "2-4": 0, "4-8": 0, ">8": 1}
 
 
 def test_gap_analysis_flags_a_mismatch_without_any_differing_decision():
