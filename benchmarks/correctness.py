@@ -105,15 +105,23 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
     """Per prompt: lane logits [L, cutoff, H] of the reference given the engine's decisions in
     fp32 / bf16, the engine's flags, and the (layer, head) rows whose live counts differ in the
     free-running check. A row is explained when some engine decision at its layer or below
-    differs from the fp32 reference and every such decision is near the threshold."""
+    differs from the fp32 reference and every such decision is near the threshold (bf16 moves
+    that key's logit across 0); by lane reach when every such |fp32 logit| is within the
+    largest bf16 move of its (layer, head) lane over the prompt."""
     rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
                 decisions_near_threshold=0, decisions_within_2x=0, decisions_judged=0,
                 near_threshold_all=0, examples=[], farthest=[],
-                margin_histogram={k: 0 for k in MARGIN_BINS})
+                margin_histogram={k: 0 for k in MARGIN_BINS}, decisions_within_lane_reach=0,
+                rows_explained_lane_reach=0)
     for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
         differ = (a > 0) != fl
         margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
         near = differ & (margin <= 1)
+        # a lane whose bf16 logit moved by R at some key of this prompt can flip a decision of
+        # |fp32| <= R at another key: the lane's own reach, where one key's recompute is luckier
+        reach = (a - b).abs().amax(dim=1, keepdim=True)  # [L, 1, H]
+        in_reach = differ & (a.abs() <= reach)
+        rows["decisions_within_lane_reach"] += int(in_reach.sum())
         rows["decisions_differing"] += int(differ.sum())
         rows["decisions_near_threshold"] += int(near.sum())
         rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
@@ -128,7 +136,7 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         def decision(i, **extra):
             l, k, h = where[i]
             return dict(prompt=p, layer=l, key=k, head=h, logit_fp32=float(a[l, k, h]),
-                        logit_bf16=float(b[l, k, h]), **extra)
+                        logit_bf16=float(b[l, k, h]), lane_reach=float(reach[l, 0, h]), **extra)
         rows["examples"] += [decision(i) for i in range(min(12 - len(rows["examples"]),
                                                             len(where)))]
         # the differing decisions farthest from bf16 reach (margin = |fp32| / |fp32 - bf16|)
@@ -140,10 +148,13 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
             cause = differ[: l + 1]
             if not bool(cause.any()):
                 rows["rows_without_cause"] += 1
-            elif bool((near[: l + 1] == cause).all()):
-                rows["rows_explained"] += 1
+            else:
+                rows["rows_explained"] += bool((near[: l + 1] == cause).all())
+                rows["rows_explained_lane_reach"] += bool((in_reach[: l + 1] == cause).all())
     rows["farthest"] = sorted(rows["farthest"], key=lambda e: -e["margin"])[:5]
     rows["explained_fraction"] = rows["rows_explained"] / max(rows["rows_mismatched"], 1)
+    rows["explained_fraction_lane_reach"] = (rows["rows_explained_lane_reach"]
+                                             / max(rows["rows_mismatched"], 1))
     rows["near_threshold_base_rate"] = rows["near_threshold_all"] / max(rows["decisions_judged"], 1)
     return rows
 

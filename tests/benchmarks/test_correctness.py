@@ -32,6 +32,21 @@ def test_gap_analysis_classifies_rows_by_their_causes():
     assert [(e["layer"], e["key"], e["head"]) for e in far] == [(2, 3, 1), (0, 1, 0)]
     assert abs(far[0]["margin"] - 10.0) < 1e-4 and far[1]["margin"] < 1
     assert g["margin_histogram"] == {"<=1": 1, "1-2": 0, "2-4": 0, "4-8": 0, ">8": 1}
+    # lane (2, :, 1) moves at most 0.05 under bf16: the far flip is beyond its reach too
+    assert g["decisions_within_lane_reach"] == 1 and g["rows_explained_lane_reach"] == 2
+    assert abs(far[0]["lane_reach"] - 0.05) < 1e-6
+
+
+def test_gap_analysis_lane_reach_explains_a_flip_its_own_recompute_missed():
+    l32 = torch.full((2, 4, 1), 1.0)
+    l16 = l32.clone()
+    l32[1, 0, 0], l16[1, 0, 0] = 0.8, -0.9  # this lane's bf16 recompute moves 1.7 at key 0
+    l32[1, 2, 0], l16[1, 2, 0] = 0.5, 0.49  # so a flip of a 0.5 logit is within its reach
+    fl = l32 > 0
+    fl[1, 2, 0] = False
+    g = gap_analysis([l32], [l16], [fl], [[[1, 0]]])
+    assert g["rows_explained"] == 0 and g["rows_explained_lane_reach"] == 1
+    assert g["decisions_within_lane_reach"] == 1 and g["explained_fraction_lane_reach"] == 1.0
 
 
 def test_gap_analysis_flags_a_mismatch_without_any_differing_decision():

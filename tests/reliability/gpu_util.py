@@ -65,11 +65,14 @@ PRELUDE = """
 import json, os, sys
 A = json.loads(sys.argv[1])
 out = {}
-def greedy(llm, prompts, n, **kw):
+def generate(llm, prompts, n, **kw):
+    # greedy tokens and each request's prompt tokens served from the prefix cache
     from vllm import SamplingParams
     sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False, **kw)
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in res]
+    return [list(o.outputs[0].token_ids) for o in res], [o.num_cached_tokens for o in res]
+def greedy(llm, prompts, n, **kw):
+    return generate(llm, prompts, n, **kw)[0]
 def metric(llm, prefix):
     return sum(m.value for m in llm.get_metrics() if m.name.startswith(prefix)
                and hasattr(m, "value"))
@@ -96,7 +99,8 @@ info = dict(num_gpu_blocks=llm.llm_engine.vllm_config.cache_config.num_gpu_block
 print(MARK + json.dumps(info), flush=True)
 for line in sys.stdin:  # one job per line: {"prompts": [[ids]], "n": tokens, "metrics": [...]}
     job = json.loads(line)
-    res = dict(tokens=greedy(llm, job["prompts"], job["n"]) if job["prompts"] else [])
+    toks, cached = generate(llm, job["prompts"], job["n"]) if job["prompts"] else ([], [])
+    res = dict(tokens=toks, cached=cached)
     res.update({p: metric(llm, p) for p in job.get("metrics", [])})
     if job.get("dms_state"):  # the prefix store of an in-process engine (diagnosis)
         from vllm_dms.worker.runtime import inprocess_engine
@@ -170,6 +174,14 @@ class Engine:
         (top-1 logprob minus the token's, 0 where it is the top-1), scored as one prompt."""
         return self._job(prompts=[], n=0, score=seqs, start=starts)["gaps"]
 
+    def cached(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[int]]:
+        """(tokens, prompt tokens each request took from the prefix cache). Per request, unlike
+        vllm:prefix_cache_hits: the offline LLMEngine drops a step's stats when that step has no
+        request output (vllm/v1/engine/llm_engine.py, step), and under async scheduling the
+        step that reports a new request's hit can be such a step."""
+        r = self.greedy(prompts, n)
+        return r["tokens"], r["cached"]
+
     def metric(self, prefix: str) -> float:
         """Sum of vLLM's metrics named prefix* (needs disable_log_stats=False)."""
         return self.greedy([], 0, metrics=(prefix,))[prefix]
@@ -191,13 +203,20 @@ class Engine:
 
 
 def assert_near_greedy(ref: Engine, prompts: list[list[int]], outputs: list[list[int]],
-                       tol: float) -> float:
+                       tol: float, flips_per_1000: int = 0) -> float:
     """Every output token is the reference engine's greedy choice up to `tol` nats: where two
     paths read K/V differently (FP8 arena vs in-flight bf16), a random-weight model's near-ties
-    may flip, a wrong live set moves logprobs by far more. Returns the largest gap."""
+    may flip, a wrong live set moves logprobs by far more. flips_per_1000: that many tokens per
+    1000 scored may be up to 2 * tol off, where the paths decide eviction in different kernels
+    (a decision within bf16 rounding of its threshold keeps another key). Returns the largest."""
     gaps = ref.gaps([p + o for p, o in zip(prompts, outputs)], [len(p) for p in prompts])
-    worst = max((max(g) for g in gaps if g), default=0.0)
-    assert worst <= tol, f"largest gap {worst:.3f} > {tol}: {[max(g or [0]) for g in gaps]}"
+    flat = [x for g in gaps for x in g]
+    worst = max(flat, default=0.0)
+    over = sum(x > tol for x in flat)
+    allowed = len(flat) * flips_per_1000 // 1000
+    ok = worst <= tol or (over <= allowed and worst <= 2 * tol)
+    assert ok, (f"largest gap {worst:.3f} > {tol} at {over} of {len(flat)} tokens "
+                f"({allowed} may reach {2 * tol}): {[max(g or [0]) for g in gaps]}")
     return worst
 
 

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.gpu
 KW = dict(max_model_len=8192, max_num_seqs=8, seed=0, gpu_memory_utilization=UTIL,
           kv_cache_dtype="dms_fp8", disable_log_stats=False,
           compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})
-HITS = "vllm:prefix_cache_hits"
 TOL = 0.5  # as test_gpu_offline.TOL
 
 
@@ -45,16 +44,15 @@ def test_chunked_prefill_matches_one_shot(dms_ckpt):
 
 def conversation(e, turn1, follow_ups, n=32, state=False):
     """A chat: each turn re-sends the previous turns and answers plus a new question.
-    Returns (prompts, answers) of the follow-up turns, the prefix-cache hits of each and, with
-    state, the engine's prefix entries before each turn (Engine.dms_state)."""
+    Returns (prompts, answers) of the follow-up turns, the prompt tokens each took from the
+    prefix cache and, with state, the engine's prefix entries before each turn (dms_state)."""
     asked, answers, hits, states, seq = [], [], [], [], list(turn1)
     for q in follow_ups:
         seq = seq + q
         if state:
             states.append(dict(prompt=len(seq), **e.dms_state()))
-        before = e.metric(HITS)
-        a = e.tokens([seq], n)[0]
-        hits.append(e.metric(HITS) - before)
+        (a,), (hit,) = e.cached([seq], n)
+        hits.append(hit)
         asked.append(seq)
         answers.append(a)
         seq = seq + a
@@ -72,20 +70,19 @@ def test_shared_4k_prefix_and_follow_up_turns_same_tokens_with_and_without_cachi
     try:
         res = {}
         for name, e in (("off", off), ("on", on)):
-            first = e.tokens(qs[:1], 64)  # its prefill makes the snapshots
-            rest = e.tokens(qs[1:], 64)  # the 7 others fork the 4096-token snapshot
-            hits_q = e.metric(HITS)
+            first, hits_first = e.cached(qs[:1], 64)  # its prefill makes the snapshots
+            rest, hits_q = e.cached(qs[1:], 64)  # the 7 others fork the 4096-token snapshot
             *chat, turn_hits, states = conversation(e, qs[0] + first[0], turns, state=e is on)
-            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_q, turn_hits=turn_hits,
-                             states=states)
+            res[name] = dict(tokens=first + rest, chat=chat, hits_q=hits_first + hits_q,
+                             turn_hits=turn_hits, states=states)
         # caching on vs off: each run's tokens near-greedy under the other engine
         assert_near_greedy(off, qs, res["on"]["tokens"], TOL)
         assert_near_greedy(off, *res["on"]["chat"], TOL)
     finally:
         off.close()
         on.close()
-    assert res["off"]["hits_q"] == 0 and res["off"]["turn_hits"] == [0] * 4
-    assert res["on"]["hits_q"] >= 7 * 4096, res["on"]["hits_q"]
+    assert res["off"]["hits_q"] == [0] * 8 and res["off"]["turn_hits"] == [0] * 4
+    assert res["on"]["hits_q"] == [0] + [4096] * 7, res["on"]["hits_q"]
     # the first follow-up forks the 4096 snapshot (or takes question 0's row if it is still
     # cached); each later one takes the previous turn's row: its whole prompt and answer
     hits = res["on"]["turn_hits"]
