@@ -101,19 +101,24 @@ def load_prompts(tok, max_prompts: int, prompt_tokens: int) -> list[list[int]]:
 MARGIN_BINS = {"<=1": 1.0, "1-2": 2.0, "2-4": 4.0, "4-8": 8.0, ">8": float("inf")}
 
 
-def gap_analysis(l32, l16, engine_flags, mismatch_rows):
+def gap_analysis(l32, l16, engine_flags, mismatch_rows, pre32=None, pre16=None):
     """Per prompt: lane logits [L, cutoff, H] of the reference given the engine's decisions in
     fp32 / bf16, the engine's flags, and the (layer, head) rows whose live counts differ in the
     free-running check. A row is explained when some engine decision at its layer or below
     differs from the fp32 reference and every such decision is near the threshold (bf16 moves
     that key's logit across 0); by lane reach when every such |fp32 logit| is within the
-    largest bf16 move of its (layer, head) lane over the prompt."""
+    largest bf16 move of its (layer, head) lane over the prompt. pre32 / pre16: the lanes before
+    q_norm (Qwen3), judged against 0: where the rest of a borrowed head is zero (the synthetic
+    checkpoints) q_norm maps the lane to +-sqrt(D), so the logit hides how near a decision is
+    and the threshold sits at ~0 before the norm."""
     rows = dict(rows_mismatched=0, rows_explained=0, rows_without_cause=0, decisions_differing=0,
                 decisions_near_threshold=0, decisions_within_2x=0, decisions_judged=0,
                 near_threshold_all=0, examples=[], farthest=[],
                 margin_histogram={k: 0 for k in MARGIN_BINS}, decisions_within_lane_reach=0,
-                rows_explained_lane_reach=0)
-    for p, (a, b, fl, bad) in enumerate(zip(l32, l16, engine_flags, mismatch_rows)):
+                rows_explained_lane_reach=0, decisions_near_prenorm=0,
+                rows_explained_prenorm=0)
+    pre = list(zip(pre32, pre16)) if pre32 is not None else [None] * len(l32)
+    for p, (a, b, fl, bad, pp) in enumerate(zip(l32, l16, engine_flags, mismatch_rows, pre)):
         differ = (a > 0) != fl
         margin = a.abs() / (a - b).abs().clamp_min(1e-30)  # <= 1: bf16 alone reaches 0
         near = differ & (margin <= 1)
@@ -122,6 +127,9 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         reach = (a - b).abs().amax(dim=1, keepdim=True)  # [L, 1, H]
         in_reach = differ & (a.abs() <= reach)
         rows["decisions_within_lane_reach"] += int(in_reach.sum())
+        mpre = margin if pp is None else pp[0].abs() / (pp[0] - pp[1]).abs().clamp_min(1e-30)
+        near_pre = differ & (mpre <= 1)
+        rows["decisions_near_prenorm"] += int(near_pre.sum())
         rows["decisions_differing"] += int(differ.sum())
         rows["decisions_near_threshold"] += int(near.sum())
         rows["decisions_within_2x"] += int((differ & (margin <= 2)).sum())
@@ -136,7 +144,8 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
         def decision(i, **extra):
             l, k, h = where[i]
             return dict(prompt=p, layer=l, key=k, head=h, logit_fp32=float(a[l, k, h]),
-                        logit_bf16=float(b[l, k, h]), lane_reach=float(reach[l, 0, h]), **extra)
+                        logit_bf16=float(b[l, k, h]), lane_reach=float(reach[l, 0, h]),
+                        margin_prenorm=float(mpre[l, k, h]), **extra)
         rows["examples"] += [decision(i) for i in range(min(12 - len(rows["examples"]),
                                                             len(where)))]
         # the differing decisions farthest from bf16 reach (margin = |fp32| / |fp32 - bf16|)
@@ -151,10 +160,11 @@ def gap_analysis(l32, l16, engine_flags, mismatch_rows):
             else:
                 rows["rows_explained"] += bool((near[: l + 1] == cause).all())
                 rows["rows_explained_lane_reach"] += bool((in_reach[: l + 1] == cause).all())
+                rows["rows_explained_prenorm"] += bool((near_pre[: l + 1] == cause).all())
     rows["farthest"] = sorted(rows["farthest"], key=lambda e: -e["margin"])[:5]
     rows["explained_fraction"] = rows["rows_explained"] / max(rows["rows_mismatched"], 1)
-    rows["explained_fraction_lane_reach"] = (rows["rows_explained_lane_reach"]
-                                             / max(rows["rows_mismatched"], 1))
+    for k in ("lane_reach", "prenorm"):
+        rows[f"explained_fraction_{k}"] = rows[f"rows_explained_{k}"] / max(rows["rows_mismatched"], 1)
     rows["near_threshold_base_rate"] = rows["near_threshold_all"] / max(rows["decisions_judged"], 1)
     return rows
 
@@ -192,7 +202,7 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
     rows = dict(match=0, total=0, dec_eq=0, dec_n=0, live_eq=0, live_n=0, lp_diff=0.0,
                 m_match=0, m_live_eq=0, m_lp_diff=0.0)
     flagged, judged = torch.zeros(dms.num_layers), 0  # per-layer eviction on the prompts' text
-    per_prompt, gap_in = [], ([], [], [], [])
+    per_prompt, gap_in = [], ([], [], [], [], [], [])
     for ids in prompts:
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0].outputs[0]
         mgr, rt = inprocess_engine(llm)
@@ -237,6 +247,8 @@ def run(model_dir: str, name: str, steps: int, max_prompts: int, eager: bool,
             gap_in[1].append(ref_16.lane_logits[:, s:s + c].cpu())
             gap_in[2].append(fl)
             gap_in[3].append((ref_live != live).nonzero().tolist())
+            gap_in[4].append(ref_m.lane_pre[:, s:s + c].cpu())
+            gap_in[5].append(ref_16.lane_pre[:, s:s + c].cpu())
         bytes_dms = int(pages.sum()) * rt.layout.subpage_bytes
         bytes_bf16 = n_arena * dms.num_layers * dms.num_kv_heads * dms.head_dim * 2 * 2
         per_prompt.append(dict(prompt_tokens=P, first_divergence=first_div,

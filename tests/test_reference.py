@@ -332,3 +332,15 @@ def test_greedy_generate_reference_stops_after_the_stop_token(model):
     got, out = greedy_generate_reference(model, dms, prompt, 6, stop_id=stop)
     assert got.tolist() == full[:first + 1].tolist()
     assert out.logits.shape[0] == prompt.numel() + first + 1
+
+
+def test_lane_pre_is_the_lane_before_q_norm(model):
+    dms = dms_for(model)
+    out = reference_forward(model, dms, ids_of(33))
+    if not hasattr(model.model.layers[0].self_attn, "q_norm"):  # llama: the lane itself
+        assert torch.allclose(out.lane_pre * dms.alpha_scale - dms.alpha_offset, out.lane_logits)
+        return
+    # qwen3: q_norm rescales a head, so the lane keeps its sign and changes its size
+    lane = (out.lane_logits + dms.alpha_offset) / dms.alpha_scale
+    assert not torch.allclose(out.lane_pre, lane, atol=1e-3)
+    assert torch.equal(out.lane_pre > 0, lane > 0)

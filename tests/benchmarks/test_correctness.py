@@ -65,3 +65,19 @@ def test_vs_one_shot_counts_tokens_and_live_cells():
     r = vs_one_shot(other, base)
     assert r["token_match_vs_one_shot"] == 0.5 and r["live_match_vs_one_shot"] == 0.75
     assert not r["tokens_identical_vs_one_shot"] and r["one_shot_row"] == "one"
+
+
+def test_gap_analysis_judges_a_saturated_logit_by_the_lane_before_q_norm():
+    # q_norm over a head holding only the lane: every logit is +-1131, whatever the lane's size
+    l32 = torch.tensor([[[1131.0], [-1131.0]]])
+    l16 = l32.clone()
+    fl = torch.tensor([[[True], [True]]])  # the engine evicted key 1 as well
+    pre32 = torch.tensor([[[0.8], [-0.002]]])
+    pre16 = torch.tensor([[[0.8], [0.001]]])  # bf16 moves that lane across 0 before the norm
+    g = gap_analysis([l32], [l16], [fl], [[[0, 0]]], [pre32], [pre16])
+    assert g["decisions_near_threshold"] == 0 and g["rows_explained"] == 0
+    assert g["decisions_near_prenorm"] == 1 and g["explained_fraction_prenorm"] == 1.0
+    assert abs(g["farthest"][0]["margin_prenorm"] - 2 / 3) < 1e-5
+    # without the lanes before the norm, the logit margin is all there is
+    g = gap_analysis([l32], [l16], [fl], [[[0, 0]]])
+    assert g["decisions_near_prenorm"] == 0 and g["rows_explained_prenorm"] == 0

@@ -88,6 +88,9 @@ class RefOutput:
     flags: torch.Tensor      # [L, T, H] bool: evict flag owned by each key (after the shift)
     live: torch.Tensor       # [L, T, H] int64: keys visible to each query under the mask used
     lane_logits: torch.Tensor  # [L, T, H] fp32: scale * lane - offset (> 0: evict), never injected
+    # [L, T, H] the lane before q_norm (Qwen3), else the lane: where q_norm saturates the logit
+    # (a head holding only the lane), the distance to the threshold is visible only here
+    lane_pre: torch.Tensor | None = None
 
 
 def _linear(x: torch.Tensor, mod: torch.nn.Module, dt: torch.dtype = torch.float32
@@ -183,10 +186,16 @@ class _Mode:
 
 def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
     """One attention block on normed hidden x [T, hidden] -> (out, decisions, flags, live,
-    lane logits)."""
+    lane logits, lane before q_norm)."""
     dt = mode.dtype
     q, k, v = project_qkv(x, attn, dms, dt)
     lane = q[:, borrowed_heads(dms), dms.head_dim - 1]
+    pre = lane
+    if getattr(attn, "q_norm", None) is not None:  # the lane rows of q_proj alone
+        rows = borrowed_heads(dms).to(x.device) * dms.head_dim + dms.head_dim - 1
+        w = attn.q_proj.weight[rows]
+        b = None if attn.q_proj.bias is None else attn.q_proj.bias[rows].to(dt)
+        pre = F.linear(x.to(dt), w.to(dt), b).float()
     logits = lane * dms.alpha_scale - dms.alpha_offset  # the rule of decisions_from_lane
     decisions = lane_decisions(q, dms) if injected is None else injected.to(torch.bool)
     if mode.zero_lane:
@@ -207,7 +216,7 @@ def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
                                        dms.window, scale)
         out = torch.cat([out[: mode.kv_fp8_from], out8[mode.kv_fp8_from:]])
     out = _linear(_round(out, dt).reshape(x.shape[0], -1), attn.o_proj, dt)
-    return out, decisions, flags, live_counts(mask_flags, dms.window), logits
+    return out, decisions, flags, live_counts(mask_flags, dms.window), logits, pre
 
 
 def _check_model(model: torch.nn.Module, dms: DMSConfig) -> None:
@@ -253,8 +262,9 @@ def reference_forward(model: torch.nn.Module, dms: DMSConfig, input_ids: torch.T
                             layer.mlp, dtype), dtype)
         per_layer.append(rec)
     logits = _linear(_round(_rms_norm(h, model.model.norm), dtype), model.lm_head, dtype)
-    dec, flags, live, lane = (torch.stack(list(x)) for x in zip(*per_layer))
-    return RefOutput(logits=logits, decisions=dec, flags=flags, live=live, lane_logits=lane)
+    dec, flags, live, lane, pre = (torch.stack(list(x)) for x in zip(*per_layer))
+    return RefOutput(logits=logits, decisions=dec, flags=flags, live=live, lane_logits=lane,
+                     lane_pre=pre)
 
 
 @torch.no_grad()
