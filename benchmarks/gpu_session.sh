@@ -23,7 +23,8 @@
 #                                 $QPATHS (default: all four)
 #   passkey-smollm2               issue 18: passkey 2K-7K tokens, depths 10-90%: dms_fp8 (evict),
 #                                 same checkpoint with kv auto (no-evict), plain base
-#   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8
+#   bench-llama / bench-qwen      side-by-side speed benchmark, decode profile at c=8 ($CONC,
+#                                 $CTX: max context rows are CTX=130944 / 40832 CONC="1 8")
 #   serve-llama                   vllm serve + vllm bench serve, dms_fp8 vs BF16
 #   multiturn-llama               follow-up chat turns, --enable-prefix-caching off vs on
 #   serve-prefix-llama            vllm bench serve, shared 4096-token prefix, caching off vs on
@@ -173,7 +174,7 @@ for _ in range(150):
     bench-llama|bench-qwen)
       m=$([ $stage = bench-llama ] && echo llama-3.2-1b || echo qwen3-8b)
       $T python3 benchmarks/bench_speed.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
-        --out-dir $OUT --conc ${CONC:-1 8 32} --profile-c 8 \
+        --out-dir $OUT --conc ${CONC:-1 8 32} --profile-c ${PROFILE_C:-8} --ctx ${CTX:-8192} \
         --engines ${ENGINES:-vllm-bf16 vllm-fp8 dms_fp8} 2>&1 | tee $OUT/bench-$m.log | tail -60 ;;
     serve-llama)
       $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/llama-3.2-1b-dms-cr8 \
