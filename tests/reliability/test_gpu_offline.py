@@ -103,8 +103,9 @@ def test_r14_forced_preemption_counted_and_near_greedy(ckpts):
         t = tiny.greedy(ps, 384, metrics=["vllm:num_preemptions"])
         r = roomy.greedy(ps, 384, metrics=["vllm:num_preemptions"])
         assert t["vllm:num_preemptions"] > 0 and r["vllm:num_preemptions"] == 0
-        # recomputed requests decide eviction in the prefill kernel, the roomy run in the
-        # decode kernel (H100, 01bba05: one token of 3072 was 0.688 off, the rest <= 0.28)
+        # H100, 01bba05: one token of 3072 was 0.688 off, every other request's worst <= 0.28;
+        # likely (not measured) a decision within rounding of its threshold that the decode /
+        # recompute kernels and the scoring prefill settle differently
         assert_near_greedy(roomy, ps, t["tokens"], TOL, flips_per_1000=1)
     finally:
         closing(tiny, roomy)
