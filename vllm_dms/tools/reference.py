@@ -145,10 +145,20 @@ def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
 def project_qkv(x: torch.Tensor, attn: torch.nn.Module, dms: DMSConfig,
                 dt: torch.dtype = torch.float32):
     """Normed hidden [T, hidden] -> q [T, Hq, D], k/v [T, H, D] in fp32, q_norm/k_norm applied."""
+    return _qk_norm(*_project(x, attn, dms, dt), attn, dt)
+
+
+def _project(x: torch.Tensor, attn: torch.nn.Module, dms: DMSConfig, dt: torch.dtype):
+    """project_qkv before q_norm / k_norm."""
     T, D = x.shape[0], dms.head_dim
     q = _linear(x, attn.q_proj, dt).view(T, dms.num_q_heads, D)
     k = _linear(x, attn.k_proj, dt).view(T, dms.num_kv_heads, D)
     v = _linear(x, attn.v_proj, dt).view(T, dms.num_kv_heads, D)
+    return q, k, v
+
+
+def _qk_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: torch.nn.Module,
+             dt: torch.dtype):
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
         q, k = _round(_rms_norm(q, attn.q_norm), dt), _round(_rms_norm(k, attn.k_norm), dt)
     return q, k, v
@@ -188,14 +198,10 @@ def _attention(x, attn, dms, cos, sin, mode: _Mode, injected):
     """One attention block on normed hidden x [T, hidden] -> (out, decisions, flags, live,
     lane logits, lane before q_norm)."""
     dt = mode.dtype
-    q, k, v = project_qkv(x, attn, dms, dt)
+    q, k, v = _project(x, attn, dms, dt)
+    pre = q[:, borrowed_heads(dms), dms.head_dim - 1]
+    q, k, v = _qk_norm(q, k, v, attn, dt)
     lane = q[:, borrowed_heads(dms), dms.head_dim - 1]
-    pre = lane
-    if getattr(attn, "q_norm", None) is not None:  # the lane rows of q_proj alone
-        rows = borrowed_heads(dms).to(x.device) * dms.head_dim + dms.head_dim - 1
-        w = attn.q_proj.weight[rows]
-        b = None if attn.q_proj.bias is None else attn.q_proj.bias[rows].to(dt)
-        pre = F.linear(x.to(dt), w.to(dt), b).float()
     logits = lane * dms.alpha_scale - dms.alpha_offset  # the rule of decisions_from_lane
     decisions = lane_decisions(q, dms) if injected is None else injected.to(torch.bool)
     if mode.zero_lane:
