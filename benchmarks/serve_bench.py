@@ -115,18 +115,25 @@ def settle(server: Server) -> dict:
     return wait_idle(server)
 
 
-def run_engine(engine: str, a) -> dict:
-    kv = ENGINES[engine]
-    synthetic = "dms_synthetic" in json.load(open(os.path.join(a.model, "config.json")))
+def server_args(engine: str, a, synthetic: bool) -> list[str]:
+    """`vllm serve` flags of one engine for workload ``a`` (max_model_len fits its longest)."""
     top = lambda n, k: int(n * (1 + (a.range_ratio or {}).get(k, 0.0))) + 1  # noqa: E731
-    args = ["--kv-cache-dtype", kv, "--gpu-memory-utilization", str(a.gpu_util),
+    args = ["--kv-cache-dtype", ENGINES[engine], "--gpu-memory-utilization", str(a.gpu_util),
             "--max-model-len", str(top(a.input_len, "input") + a.prefix_len
                                    + top(a.output_len, "output") + 64),
             "--max-num-seqs", str(a.max_num_seqs), "--seed", "0"]
+    if a.kv_bytes:  # the same KV bytes on an H100 or an H200 (vLLM then skips its profile)
+        args += ["--kv-cache-memory-bytes", str(a.kv_bytes)]
     if synthetic:
         args += ["--load-format", "dummy"]
     if a.prefix_caching is not None:
         args += ["--enable-prefix-caching" if a.prefix_caching else "--no-enable-prefix-caching"]
+    return args
+
+
+def run_engine(engine: str, a) -> dict:
+    synthetic = "dms_synthetic" in json.load(open(os.path.join(a.model, "config.json")))
+    args = server_args(engine, a, synthetic)
     t0 = time.time()
     # dev mode: /reset_prefix_cache, so that a caching run can be checked for a drained arena
     with Server(a.model, *args, timeout=600, env={"VLLM_SERVER_DEV_MODE": "1"}) as s:
@@ -149,7 +156,8 @@ def run_engine(engine: str, a) -> dict:
                preemptions=idle.get("vllm:num_preemptions_total"),
                mean_ttft_ms=res.get("mean_ttft_ms"), mean_tpot_ms=res.get("mean_tpot_ms"),
                p99_ttft_ms=res.get("p99_ttft_ms"), duration_s=res.get("duration"),
-               gpu_memory_utilization=a.gpu_util, startup_s=round(started, 1),
+               gpu_memory_utilization=a.gpu_util, kv_cache_memory_bytes=a.kv_bytes or None,
+               startup_s=round(started, 1),
                peak_requests_waiting=poll.peak.get("vllm:num_requests_waiting"),
                peak_requests_running=poll.peak.get("vllm:num_requests_running"),
                peak_kv_cache_usage_perc=poll.peak.get("vllm:kv_cache_usage_perc"),
@@ -176,6 +184,8 @@ def main():
     ap.add_argument("--name", required=True)
     ap.add_argument("--engines", nargs="+", default=["vllm-bf16", "dms_fp8"])
     ap.add_argument("--gpu-util", type=float, default=0.12)
+    ap.add_argument("--kv-bytes", type=int, default=0,
+                    help="KV memory of every engine (--kv-cache-memory-bytes; 0: by --gpu-util)")
     ap.add_argument("--input-len", type=int, default=8192)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--prefix-len", type=int, default=0)

@@ -35,3 +35,17 @@ def test_report_ratios_within_a_workload(tmp_path):
     assert md[3].startswith("| mixed | dms_fp8 | 250 | 2.50 | - |")
     assert md[4].startswith("| decode-heavy | dms_fp8 | 40 | - | - |")  # no BF16 row there
     assert "FAILED: 'boom'" in md[5]
+
+
+def test_server_args_fix_the_kv_bytes_when_asked():
+    import argparse
+    a = argparse.Namespace(gpu_util=0.12, kv_bytes=0, prefix_len=0, max_num_seqs=256,
+                           prefix_caching=None, **sb.WORKLOADS["mixed"])
+    a.range_ratio = sb.WORKLOADS["mixed"]["range_ratio"]
+    args = sb.server_args("dms_fp8", a, synthetic=True)
+    assert args[:2] == ["--kv-cache-dtype", "dms_fp8"] and "--kv-cache-memory-bytes" not in args
+    assert args[args.index("--max-model-len") + 1] == str(8192 + 1 + 2048 + 1 + 64)
+    assert args[-2:] == ["--load-format", "dummy"]
+    a.kv_bytes = 8 << 30
+    args = sb.server_args("vllm-bf16", a, synthetic=False)
+    assert args[1] == "auto" and args[args.index("--kv-cache-memory-bytes") + 1] == str(8 << 30)
