@@ -1,7 +1,7 @@
 """Admission through vLLM's real schedulers, no model: how many requests each KV format keeps
 running at one KV budget, for the serve_bench workloads (issue 15).
 
-    python benchmarks/admission_sim.py --shape llama-3.2-1b --kv-gib 8 \
+    python benchmarks/admission_sim.py --shape llama-3.2-1b --kv-gib 4 8 \
         --workload decode-heavy mixed prefill-heavy --out benchmarks/results/admission-X.json
 
 For each workload (``serve_bench.WORKLOADS``) and engine the same KV bytes become blocks as
@@ -183,9 +183,8 @@ def simulate(engine: str, shape: dict, reqs: list[tuple[int, int]], concurrency:
 
 def run(a) -> list[dict]:
     shape, model = load_shape(a.shape), ts.model_dir(tempfile.mkdtemp())
-    kv_bytes = int(a.kv_gib * 2 ** 30)
     rows = []
-    for name in a.workload:
+    for kv_bytes, name in ((int(g * 2 ** 30), w) for g in a.kv_gib for w in a.workload):
         w = WORKLOADS[name]
         n = a.num_prompts or w["num_prompts"]
         conc = min(a.concurrency or w["concurrency"], n)
@@ -198,29 +197,29 @@ def run(a) -> list[dict]:
                      max_concurrency=conc, max_num_seqs=max_num_seqs, cr=a.cr,
                      len_scale=a.len_scale, prefix_caching=not a.no_prefix_caching)
             rows.append(r)
-            print(f"{name:13s} {eng:9s} blocks {r['num_blocks']:7d} steps {r['steps']:6d} "
+            print(f"{kv_bytes / 2 ** 30:5.1f} GiB {name:13s} {eng:9s} blocks {r['num_blocks']:7d} steps {r['steps']:6d} "
                   f"tok/step {r['tokens_per_step']:7.1f} running peak {r['peak_running']:4d} "
                   f"mean {r['mean_running']:6.1f} preempt {r['preemptions']:5d} kv-blocked steps "
                   f"{r['kv_blocked_steps']:5d} at usage {r['mean_usage_kv_blocked'] or 0:.2f}",
                   flush=True)
     for r in rows:
         base = next((b for b in rows if b["workload"] == r["workload"]
-                     and b["engine"] == "vllm-bf16"), None)
+                     and b["kv_bytes"] == r["kv_bytes"] and b["engine"] == "vllm-bf16"), None)
         r["tokens_per_step_x_bf16"] = (r["tokens_per_step"] / base["tokens_per_step"]
                                        if base else None)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    cols = ("workload", "engine", "blocks", "steps", "output tok / step", "x BF16",
+    cols = ("KV GiB", "workload", "engine", "blocks", "steps", "output tok / step", "x BF16",
             "peak / mean running", "preemptions", "steps waiting", "KV-blocked steps",
             "KV usage when blocked")
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         x = r["tokens_per_step_x_bf16"]
         uw = r["mean_usage_kv_blocked"]
-        out.append(f"| {r['workload']} | {r['engine']} | {r['num_blocks']} | {r['steps']} | "
-                   f"{r['tokens_per_step']:.1f} | {'-' if x is None else f'{x:.2f}'} | "
+        out.append(f"| {r['kv_bytes'] / 2 ** 30:g} | {r['workload']} | {r['engine']} | "
+                   f"{r['num_blocks']} | {r['steps']} | {r['tokens_per_step']:.1f} | {'-' if x is None else f'{x:.2f}'} | "
                    f"{r['peak_running']} / {r['mean_running']:.1f} | {r['preemptions']} | "
                    f"{r['steps_with_waiting']} | {r['kv_blocked_steps']} | "
                    f"{'-' if uw is None else f'{uw:.2f}'} |")
@@ -230,7 +229,8 @@ def table(rows: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.2-1b")
-    ap.add_argument("--kv-gib", type=float, required=True, help="KV bytes of every engine")
+    ap.add_argument("--kv-gib", type=float, nargs="+", required=True,
+                    help="KV memory of every engine (GiB); several: one run each")
     ap.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["decode-heavy"])
     ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     ap.add_argument("--cr", type=int, default=8, help="1 in cr tokens kept outside the window")

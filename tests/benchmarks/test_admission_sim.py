@@ -10,7 +10,7 @@ import admission_sim as adm  # noqa: E402
 
 def test_dms_runs_every_request_where_bf16_preempts():
     # 32 requests of 256 + 1024 tokens; 0.3 GiB holds ~9 BF16 ones at full length, every DMS one
-    a = argparse.Namespace(shape="llama-3.2-1b", kv_gib=0.3, workload=["decode-heavy"],
+    a = argparse.Namespace(shape="llama-3.2-1b", kv_gib=[0.3], workload=["decode-heavy"],
                            engines=list(adm.ENGINES), cr=8, num_prompts=32, concurrency=32,
                            len_scale=0.25, no_prefix_caching=False, seed=0, max_steps=20_000)
     rows = {r["engine"]: r for r in adm.run(a)}
@@ -24,4 +24,4 @@ def test_dms_runs_every_request_where_bf16_preempts():
     assert fp8["mean_running"] > bf16["mean_running"], (fp8, bf16)
     assert dms["tokens_per_step_x_bf16"] > 2.0, dms
     assert dms["steps"] < fp8["steps"] < bf16["steps"]
-    assert "| decode-heavy | dms_fp8 |" in adm.table(list(rows.values()))
+    assert "| 0.3 | decode-heavy | dms_fp8 |" in adm.table(list(rows.values()))
