@@ -40,10 +40,13 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from serve_bench import WORKLOADS  # noqa: E402
+from vllm_dms.patches.engine import DMS_BLOCK_SIZE  # noqa: E402
 
 ENGINES = ("vllm-bf16", "vllm-fp8", "dms_fp8")
 DENSE_DTYPE = {"vllm-bf16": torch.bfloat16, "vllm-fp8": torch.float8_e4m3fn}
 BATCHED_TOKENS = 8192  # vllm serve's default on a >= 70 GiB GPU
+# --block-size each engine starts with: vLLM's 16, dms_fp8's own default (slots per sub-page)
+BLOCK = {"vllm-bf16": 16, "vllm-fp8": 16, "dms_fp8": DMS_BLOCK_SIZE}
 
 
 def load_shape(name: str) -> dict:
@@ -115,15 +118,15 @@ def build(engine: str, shape: dict, kv_bytes: int, max_num_seqs: int, max_len: i
           prefix_caching: bool):
     vc = ts.make_vllm_config(model, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=BATCHED_TOKENS, max_model_len=max_len,
-                             enable_prefix_caching=prefix_caching)
+                             enable_prefix_caching=prefix_caching, block_size=BLOCK[engine])
     if engine == "dms_fp8":
         from vllm_dms.engine import spec as spec_mod
         spec_mod.register_spec()
-        spec = spec_mod.DMSCompactSpec(block_size=16, num_kv_heads=shape["heads"],
+        spec = spec_mod.DMSCompactSpec(block_size=BLOCK[engine], num_kv_heads=shape["heads"],
                                        head_size=shape["head_dim"], dtype=torch.uint8,
                                        dms_window=shape["window"], dms_max_num_seqs=max_num_seqs)
     else:
-        spec = FullAttentionSpec(block_size=16, num_kv_heads=shape["heads"],
+        spec = FullAttentionSpec(block_size=BLOCK[engine], num_kv_heads=shape["heads"],
                                  head_size=shape["head_dim"], dtype=DENSE_DTYPE[engine])
     layers = ts.layer_names(shape["layers"])
     blocks = get_kv_cache_configs(vc, [dict.fromkeys(layers, spec)], [kv_bytes])[0].num_blocks
@@ -149,7 +152,8 @@ def simulate(engine: str, shape: dict, reqs: list[tuple[int, int]], concurrency:
         for _ in range(k):
             if sent < len(reqs):
                 p, o = reqs[sent]
-                sched.add_request(ts.make_request(f"r{sent}", p, o, token=sent % 30000))
+                sched.add_request(ts.make_request(f"r{sent}", p, o, token=sent % 30000,
+                                                  block_size=BLOCK[engine]))
                 sent += 1
     send(concurrency)
     while sched.has_requests():
