@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET smoke run only
 SHAPES = {"llama-3.2-1b": dict(H=8, G=4, D=64, W=256), "qwen3-8b": dict(H=8, G=4, D=128, W=512)}
+# decode (BLOCK_N, warps, stages) swept beside the default (kernels/decode.py decode_tiles)
+DECODE_TILES = ((64, 4, 3), (128, 4, 2), (128, 8, 3), (256, 8, 2), (64, 2, 4))
 
 
 def timed(fn, reps: int = 20) -> float:
@@ -125,8 +127,8 @@ def graph_timed(fn, reps: int = 20) -> float:
 def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     from vllm_dms.worker.kernels.arena_ops import dms_decode_store
     from vllm_dms.worker.kernels.pack import dms_prefill_pack
-    from vllm_dms.worker.kernels.decode import (decode_splits, decode_workspace, dms_decode_attention,
-                                                workspace_for)
+    from vllm_dms.worker.kernels.decode import (decode_splits, decode_tiles, decode_workspace,
+                                                dms_decode_attention, workspace_for)
     from vllm_dms.worker.runtime import DECODE_SPLITS
     lay, kv = arena_for(H, D, W, T, c)
     g = torch.Generator(device=DEV).manual_seed(1)
@@ -143,6 +145,7 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     kn = torch.randn(c, H, D, device=DEV, generator=g).to(torch.bfloat16)
     out = torch.empty_like(q)
     splits = decode_splits(c, H, DECODE_SPLITS)  # what the backend runs at this batch
+    tiles = decode_tiles(D, DEV == "cuda")
     ws = workspace_for(decode_workspace(c, Hq, D, DECODE_SPLITS, DEV), c, splits)
     pos = torch.full((c,), T, **i32)
     lanes = q[:, ::G, D - 1]
@@ -151,10 +154,14 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     attn_graph = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
                                                           *ws, carrier=True))
     sweep = {}  # split-K programs per (request, kv head): the backend uses decode_splits
-    for ns in (2, 4, 8, 16, 32):
+    for ns in (1, 2, 4, 8, 16, 32):
         w = decode_workspace(c, Hq, D, ns, DEV)
         sweep[ns] = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
                                                              w.acc, w.m, w.l, carrier=True))
+    by_tiles = {}  # (BLOCK_N, warps, stages) at the backend's split count; default: decode_tiles
+    for t in DECODE_TILES:
+        by_tiles["x".join(map(str, t))] = graph_timed(lambda: dms_decode_attention(
+            q, kv, lay, slots, D ** -0.5, out, *ws, carrier=True, tiles=t))
     # the store is not idempotent (it appends): time it on a copy of the state each rep
     saved = kv.clone()
 
@@ -171,7 +178,8 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
     return dict(kernel="decode", shape=name, c=c, T=T, W=W, evict=evict,
                 live_tokens_per_row=live_mean, attention_us=attn, store_us=store_us,
                 attention_graph_us=attn_graph, splits=splits,
-                attention_graph_us_by_splits=sweep,
+                attention_graph_us_by_splits=sweep, tiles_default="x".join(map(str, tiles)),
+                attention_graph_us_by_tiles=by_tiles,
                 attention_graph_gb_s=kv_bytes / attn_graph / 1e3 if attn_graph == attn_graph
                 else float("nan"),
                 sdpa_dense_bf16_us=sdpa, dms_x_sdpa=sdpa / (attn + store_us))
@@ -181,12 +189,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--decode-c", type=int, nargs="+", default=[8, 32],
+                    help="decode batch sizes (issue 15's decode-heavy runs 256)")
     a = ap.parse_args()
     rows = []
     for name, sh in SHAPES.items():
         rows.append(prefill_row(name, T=a.tokens, **sh))
         print(json.dumps(rows[-1]), flush=True)
-        for c in (8, 32):
+        for c in a.decode_c:
             rows.append(decode_row(name, c=c, T=a.tokens, **sh))
             print(json.dumps(rows[-1]), flush=True)
     meta = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", commit=os.environ.get("VLLM_DMS_COMMIT", "?"),

@@ -26,7 +26,7 @@ def last(n: int) -> torch.Tensor:
 
 
 def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_ids, arrive=None,
-             num_splits=3, seed=0, check_rows=True, carrier=False):
+             num_splits=3, seed=0, check_rows=True, carrier=False, tiles=None):
     """prompts[i] tokens of request i are packed at step arrive[i] (default 0), then it decodes
     one token per step; steps counts engine steps. slot_ids[i] is its arena slot.
     carrier: as the backend runs it: each decode query's borrowed lanes carry its decisions
@@ -86,7 +86,7 @@ def simulate(kit, device, *, H, G, D, P, W, shift, elem, prompts, steps, slot_id
                                  live=live)
             out = torch.full_like(qb, float("nan"))
             dms_decode_attention(qb, kv, lay, sl, scale, out, ws.acc, ws.m, ws.l,
-                                 carrier=carrier)
+                                 carrier=carrier, tiles=tiles)
             assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu())), "padding -> 0"
             for j, i in enumerate(dec_rows):
                 done[i] += 1
@@ -147,6 +147,14 @@ def test_decode_mixed_arrivals_and_splits(kit, device, carrier):
     simulate(kit, device, H=2, G=3, D=16, P=4, W=3, shift=1, elem=1, prompts=[9, 2, 5],
              steps=9, slot_ids=[2, 5, 1], arrive=[0, 3, 6], num_splits=8, seed=11,
              carrier=carrier)
+
+
+@pytest.mark.parametrize("splits,tiles", [(1, (32, 2, 2)), (4, (64, 8, 3))])
+def test_decode_tiles_and_one_split(kit, device, splits, tiles):
+    """The tiles kernel_bench sweeps (and a single split) give the reference's output too."""
+    simulate(kit, device, H=2, G=4, D=16, P=4, W=5, shift=1, elem=1, prompts=[40, 3, 17],
+             steps=8, slot_ids=[1, 3, 2], num_splits=splits, seed=5, carrier=True,
+             tiles=tiles)
 
 
 def test_store_decides_from_lane_exactly_as_config(kit, device):

@@ -43,6 +43,14 @@ def decode_splits(batch: int, num_kv_heads: int, max_splits: int) -> int:
     return max(min(2, max_splits), min(max_splits, 1 << (want.bit_length() - 1)))
 
 
+def decode_tiles(D: int, cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, stages) of the split kernel."""
+    if not cuda:
+        return 16, 4, 1  # interpreter: small tiles keep numpy fast
+    # H200, D=128, B=64 x 4096 live FP8: BLOCK_N 128 -> 250 us, 64 -> 268 us, 32 -> 310 us
+    return (128, 4, 3) if D <= 128 else (64, 4, 3)
+
+
 def workspace_for(ws: "DecodeWorkspace", batch: int, splits: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous [batch, Hq, splits(, D)] views at the start of a larger workspace."""
@@ -141,13 +149,15 @@ def _decode_reduce_kernel(ws_acc, ws_m, ws_l, out_ptr, sab, sah, sas, smb, smh, 
 def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaLayout,
                          slots: torch.Tensor, scale: float, out: torch.Tensor,
                          ws_acc: torch.Tensor, ws_m: torch.Tensor, ws_l: torch.Tensor,
-                         carrier: bool = False) -> None:
+                         carrier: bool = False, tiles: tuple[int, int, int] | None = None) -> None:
     """Attention of one new query per request over its compact rows; writes ``out``.
 
     carrier: q's borrowed lanes (head h*G, lane D-1) hold decisions, not query values; the
     kernel reads them as 0 (so q needs no clone-and-zero pass).
     q, out [B, Hq, D] bf16 (last dim contiguous); slots int32 [B] (<=0: out = 0);
     ws_acc fp32 [>=B, Hq, NS, D], ws_m / ws_l fp32 [>=B, Hq, NS], contiguous (decode_workspace).
+    tiles: (BLOCK_N keys per iteration, warps, pipeline stages) instead of the default
+    (``decode_tiles``), for benchmarks/kernel_bench.py's sweep.
     """
     words = arena_words(kv_layer, layout)
     o_len, o_pages = (state_word_offsets(layout)[i] for i in (2, 5))
@@ -166,18 +176,15 @@ def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaL
     if B == 0:
         return
     block_d = triton.next_power_of_2(D)
-    if kv_layer.is_cuda:
-        # H200, D=128, B=64 x 4096 live FP8: BLOCK_N 128 -> 250 us, 64 -> 268 us, 32 -> 310 us
-        block_n, warps = (128, 4) if D <= 128 else (64, 4)
-    else:
-        block_n, warps = 16, 4
+    block_n, warps, stages = tiles or decode_tiles(D, kv_layer.is_cuda)
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"BLOCK_N {block_n}: a power of 2 >= 16"
     _decode_split_kernel[(B, H, NS)](
         q, words, o_len, o_pages, slots, ws_acc, ws_m, ws_l,
         q.stride(0), q.stride(1), ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), H, layout.max_pages_per_row, NS, scale * LOG2E,
         G=G, GP=max(16, triton.next_power_of_2(G)), P=layout.block_size, D=D,
         ELEM=layout.elem_bytes, BLOCK_N=block_n, BLOCK_D=block_d, F32=not kv_layer.is_cuda,
-        CARRIER=carrier, num_warps=warps)
+        CARRIER=carrier, num_warps=warps, num_stages=stages)
     _decode_reduce_kernel[(B, Hq)](
         ws_acc, ws_m, ws_l, out, ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), out.stride(0), out.stride(1), NS,
