@@ -7,7 +7,8 @@
 #             parallel (xdist workers; engines a test compares start together)
 #   suite3    the gpu quality test through dms_fp8 (needs smollm2 first)
 #   kernels   GPU kernel tests at real shapes (native Triton; no vLLM needed)
-#   kbench    kernel timings vs dense SDPA (benchmarks/kernel_bench.py; no vLLM needed)
+#   kbench    kernel timings vs dense SDPA (benchmarks/kernel_bench.py; no vLLM needed),
+#             decode at batches $DECODE_C (default 8 32 256), split and tile sweeps
 #   setup     install the plugin (entry points); unpack .gpu/pack/ckpt.tar.xz (ckpts + texts)
 #   smollm2   build SmolLM2 HF + DMS fields (needs the GGUF staged)
 #   correct-llama / correct-qwen  vllm.LLM + dms_fp8 vs the exact reference (engine weights)
@@ -122,7 +123,8 @@ for _ in range(150):
       PYTHONPATH=$PWD $T python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider -n 8 \
         2>&1 | tee $OUT/kernels.log | tail -15 ;;
     kbench)
-      PYTHONPATH=$PWD $T python3 benchmarks/kernel_bench.py --out $OUT/kernel-bench.json ;;
+      PYTHONPATH=$PWD $T python3 benchmarks/kernel_bench.py --out $OUT/kernel-bench.json \
+        --decode-c ${DECODE_C:-8 32 256} ;;
     setup)
       python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
       python3 -c "import vllm, vllm_dms; print('vllm', vllm.__version__)" ;;
