@@ -35,7 +35,7 @@
 #                                 Llama then Qwen3 ($MODELS)
 #   serve-workloads               issue 15: serve_bench --workload $WORKLOADS (default
 #                                 decode-heavy) for BF16, FP8 and dms_fp8 on $MODEL (llama-3.2-1b),
-#                                 KV bytes $KVB for every engine (else --gpu-util $UTIL)
+#                                 KV bytes $KVB for every engine (else --gpu-util $UTIL), $ENGINES
 #   serve-defaults                `vllm serve CKPT --kv-cache-dtype dms_fp8`, no other flag:
 #                                 its start-up log line (what is on by default)
 # Each stage runs under `timeout $STAGE_S` (default 300). Logs and results go to $OUT.
@@ -102,7 +102,7 @@ for stage in "$@"; do
     serve-workloads)
       m=${MODEL:-llama-3.2-1b}
       $T python3 benchmarks/serve_bench.py --model .gpu/ckpt/$m-dms-cr8 --name $m \
-        --gpu-util ${UTIL:-0.12} ${KVB:+--kv-bytes $KVB} --engines vllm-bf16 vllm-fp8 dms_fp8 --out-dir $OUT \
+        --gpu-util ${UTIL:-0.12} ${KVB:+--kv-bytes $KVB} --engines ${ENGINES:-vllm-bf16 vllm-fp8 dms_fp8} --out-dir $OUT \
         --workload ${WORKLOADS:-decode-heavy} 2>&1 | grep -v "^INFO\|^WARNING\|^(APIServer\|^(EngineCore" \
         | tail -20 ;;
     serve-defaults)
