@@ -153,7 +153,7 @@ def decode_row(name, H, G, D, W, c, T=8192, evict=0.875):
                                               carrier=True))
     attn_graph = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,
                                                           *ws, carrier=True))
-    sweep = {}  # split-K programs per (request, kv head): the backend uses decode_splits
+    sweep = {}  # split-K programs per (request, kv head); 1: no reduce launch (DIRECT)
     for ns in (1, 2, 4, 8, 16, 32):
         w = decode_workspace(c, Hq, D, ns, DEV)
         sweep[ns] = graph_timed(lambda: dms_decode_attention(q, kv, lay, slots, D ** -0.5, out,

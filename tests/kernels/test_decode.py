@@ -218,10 +218,11 @@ def test_decode_compiles_sm90(compile_sm90):
     ptr = {"q_ptr": "*bf16", "out_ptr": "*bf16", "arena": "*i32", "slots": "*i32",
            "ws_acc": "*fp32", "ws_m": "*fp32", "ws_l": "*fp32", "qk_scale": "fp32"}
     mod, specs = "vllm_dms.worker.kernels.decode", []
-    for G, D, E, bn in [(3, 128, 1, 64), (4, 96, 2, 64)]:
+    for G, D, E, bn, direct in [(3, 128, 1, 64, False), (4, 96, 2, 64, False),
+                                (4, 64, 1, 128, True)]:
         specs.append((mod, "_decode_split_kernel", ptr, dict(
             G=G, GP=16, P=16, D=D, ELEM=E, BLOCK_N=bn, BLOCK_D=1 << (D - 1).bit_length(),
-            F32=False, CARRIER=E == 1)))
+            F32=False, CARRIER=E == 1, DIRECT=direct)))
         specs.append((mod, "_decode_reduce_kernel", ptr, dict(
             D=D, BLOCK_S=16, BLOCK_D=1 << (D - 1).bit_length())))
     compile_sm90(specs)

@@ -5,7 +5,8 @@ tl.dot applies), walks its contiguous share of the row's sub-pages (share = cdiv
 gathers K/V slot by slot through row_pages, and writes fp32 partials (m in base-2 units, l,
 unnormalised acc); an empty share writes m = -inf, l = 0, acc = 0.
 Stage 2, grid (B, Hq): merges the NS partials with LSE rescaling into bf16 ``out``; rows with no
-live key (slot <= 0, empty row) get zeros.
+live key (slot <= 0, empty row) get zeros. With NS = 1 stage 1 writes ``out`` itself (DIRECT)
+and stage 2 is not launched.
 The live set is exactly row slots [0, row_len): no per-key mask is needed beyond the length.
 """
 from __future__ import annotations
@@ -72,11 +73,11 @@ def decode_workspace(max_batch: int, Hq: int, D: int, num_splits: int,
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l,
-                         sqb, sqh, sab, sah, sas, smb, smh, H, MAXP, NS, qk_scale,
+def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l, out_ptr,
+                         sqb, sqh, sab, sah, sas, smb, smh, sob, soh, H, MAXP, NS, qk_scale,
                          G: tl.constexpr, GP: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
                          ELEM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         F32: tl.constexpr, CARRIER: tl.constexpr):
+                         F32: tl.constexpr, CARRIER: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -118,10 +119,15 @@ def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l
         acc = acc * alpha[:, None] + _dot(p, vx, F32)
         m_i = m_new
     hq = h * G + gg
-    tl.store(ws_m + b * smb + hq * smh + s, m_i, mask=gm)
-    tl.store(ws_l + b * smb + hq * smh + s, l_i, mask=gm)
-    tl.store(ws_acc + b * sab + hq[:, None] * sah + s * sas + dd[None, :], acc,
-             mask=gm[:, None] & dm[None, :])
+    if DIRECT:  # one split: the program holds the whole row, normalise and write out
+        o = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        tl.store(out_ptr + b * sob + hq[:, None] * soh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        tl.store(ws_m + b * smb + hq * smh + s, m_i, mask=gm)
+        tl.store(ws_l + b * smb + hq * smh + s, l_i, mask=gm)
+        tl.store(ws_acc + b * sab + hq[:, None] * sah + s * sas + dd[None, :], acc,
+                 mask=gm[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -179,12 +185,15 @@ def dms_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, layout: ArenaL
     block_n, warps, stages = tiles or decode_tiles(D, kv_layer.is_cuda)
     assert block_n >= 16 and block_n & (block_n - 1) == 0, f"BLOCK_N {block_n}: a power of 2 >= 16"
     _decode_split_kernel[(B, H, NS)](
-        q, words, o_len, o_pages, slots, ws_acc, ws_m, ws_l,
+        q, words, o_len, o_pages, slots, ws_acc, ws_m, ws_l, out,
         q.stride(0), q.stride(1), ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
-        ws_m.stride(0), ws_m.stride(1), H, layout.max_pages_per_row, NS, scale * LOG2E,
+        ws_m.stride(0), ws_m.stride(1), out.stride(0), out.stride(1), H,
+        layout.max_pages_per_row, NS, scale * LOG2E,
         G=G, GP=max(16, triton.next_power_of_2(G)), P=layout.block_size, D=D,
         ELEM=layout.elem_bytes, BLOCK_N=block_n, BLOCK_D=block_d, F32=not kv_layer.is_cuda,
-        CARRIER=carrier, num_warps=warps, num_stages=stages)
+        CARRIER=carrier, DIRECT=NS == 1, num_warps=warps, num_stages=stages)
+    if NS == 1:
+        return
     _decode_reduce_kernel[(B, Hq)](
         ws_acc, ws_m, ws_l, out, ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
         ws_m.stride(0), ws_m.stride(1), out.stride(0), out.stride(1), NS,
