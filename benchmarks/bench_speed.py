@@ -10,6 +10,9 @@ c*(gen-1) / (T(gen) - T(1)), best of 2 within a process. Each engine's process i
 clock changes hit all of them; a row reports the median of those runs under the usual field
 name, plus every run (``*_runs``) and their min/max (``*_spread``). The JSON, its Markdown
 table and its chart (``plot_speed.py``) are written after every run, for any set of engines.
+With --profile-c C the first run of each engine also records, at concurrency C, the GPU time per
+decode step by kernel (``decode_profile``) and the host time per step by call site: scheduler,
+executor, attention metadata builders (``host_profile``, ``benchmarks/host_timer.py``).
 
     python benchmarks/bench_speed.py --model DIR --name qwen3-8b --out-dir results/ [--conc 1 8 32]
 """
@@ -96,6 +99,7 @@ def worker(a) -> None:
                    async_scheduling=is_async, model_runner=runner)
         if c == a.profile_c:
             row["decode_profile"] = decode_profile(lambda gen: run(c, gen, 1), row)
+            row["host_profile"] = host_profile(llm, lambda gen: run(c, gen, 1), row)
         print("ROW " + json.dumps(row), flush=True)
 
 
@@ -123,6 +127,22 @@ def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
           f"GPU busy {busy:.0f} us, {out['launches_per_step']:.0f} launches/step", flush=True)
     for name, t, n in out["top"]:
         print(f"   {t:9.1f} us {n:7.1f}x  {name}", flush=True)
+    return out
+
+
+def host_profile(llm, run_gen, row, gen: int = 33) -> dict:
+    """Host time per decode step by call site (benchmarks/host_timer.py): scheduler, executor,
+    metadata builders; a gen-token run minus a 1-token run, without the CUDA profiler."""
+    from host_timer import HostTimer, per_step
+
+    def totals(g):
+        with HostTimer(llm) as ht:
+            run_gen(g)
+        return ht.totals()
+    out = per_step(totals(1), totals(gen), gen - 1)
+    print(f"[host {row['engine']} c={row['c']}] us per decode step by call site", flush=True)
+    for name, (us, n) in out.items():
+        print(f"   {us:9.1f} us {n:7.2f}x  {name}", flush=True)
     return out
 
 
@@ -156,7 +176,7 @@ def run_engine(a, eng: str, profile: bool) -> list[dict]:
                                         f"timeout after {a.timeout}s")
     got = [json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")]
     for line in p.stdout.splitlines():
-        if line.startswith("[profile") or line.startswith("   "):
+        if line.startswith(("[profile", "[host", "   ")):
             print(line, flush=True)
     print(f"[{eng}] {time.time() - t0:.0f}s", flush=True)
     if p.returncode != 0 or not got:
@@ -197,9 +217,10 @@ def _merge(rs: list[dict], failed_runs: int) -> dict:
         vals = [r[key] for r in rs]
         row.update({key: statistics.median(vals), key + "_runs": vals,
                     key + "_spread": [min(vals), max(vals)]})
-    profiled = [r["decode_profile"] for r in rs if "decode_profile" in r]
-    if profiled:
-        row["decode_profile"] = profiled[0]
+    for key in ("decode_profile", "host_profile"):  # the one profiled run's
+        profiled = [r[key] for r in rs if key in r]
+        if profiled:
+            row[key] = profiled[0]
     row.update(runs=len(rs), failed_runs=failed_runs)
     return row
 
