@@ -105,7 +105,8 @@ def worker(a) -> None:
 
 def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
     """GPU time per decode step by kernel (inside CUDA graphs too): a gen-token run minus a
-    1-token run, so the prefill's kernels cancel out."""
+    1-token run, so the prefill's kernels cancel out; and the 1-token run's own kernels (the
+    prefill's: ``prefill_top``)."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(g):
@@ -120,13 +121,22 @@ def decode_profile(run_gen, row, gen: int = 33, top: int = 15) -> dict:
            for name, (t, n) in kn.items()}
     busy = sum(t for t, _ in per.values())
     rows = sorted(per.items(), key=lambda x: -x[1][0])[:top]
+    # the 1-token run is the prefill of c prompts (plus one sampling step): where prefill goes
+    pre = sorted(k1.items(), key=lambda x: -x[1][0])[:top]
     out = dict(step_wall_us=1e6 * (wn - w1) / steps, step_gpu_busy_us=busy,
                launches_per_step=sum(n for _, n in per.values()),
-               top=[[name[:90], round(t, 1), round(n, 2)] for name, (t, n) in rows])
+               top=[[name[:90], round(t, 1), round(n, 2)] for name, (t, n) in rows],
+               prefill_wall_us=1e6 * w1, prefill_gpu_busy_us=sum(t for t, _ in k1.values()),
+               prefill_top=[[name[:90], round(t, 1), n] for name, (t, n) in pre])
     print(f"[profile {row['engine']} c={row['c']}] step wall {out['step_wall_us']:.0f} us, "
           f"GPU busy {busy:.0f} us, {out['launches_per_step']:.0f} launches/step", flush=True)
     for name, t, n in out["top"]:
         print(f"   {t:9.1f} us {n:7.1f}x  {name}", flush=True)
+    print(f"[profile {row['engine']} c={row['c']}] prefill (1-token run) wall "
+          f"{out['prefill_wall_us']:.0f} us, GPU busy {out['prefill_gpu_busy_us']:.0f} us",
+          flush=True)
+    for name, t, n in out["prefill_top"]:
+        print(f"   {t:9.1f} us {n:7d}x  {name}", flush=True)
     return out
 
 

@@ -99,3 +99,37 @@ def test_repeats_flag_defaults_to_three(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_speed.py", "--model", "/ckpt"])
     bench_speed.main()
     assert seen["repeats"] == 3
+
+
+def test_decode_profile_per_step_and_prefill_kernels(monkeypatch):
+    """The profiled runs' arithmetic, on a stand-in for torch's CUDA profiler: per decode step =
+    (33-token run - 1-token run) / 32; the 1-token run's own kernels are the prefill's."""
+    import torch.profiler
+    runs = {1: {"gemm": (1000.0, 10), "attn_prefill": (500.0, 16)},
+            33: {"gemm": (1640.0, 42), "attn_prefill": (500.0, 16), "decode": (320.0, 512)}}
+
+    class FakeProfile:
+        def __init__(self, activities):
+            self.events = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.events = runs[FakeProfile.gen]
+
+        def key_averages(self):
+            return [SimpleNamespace(key=k, device_time_total=t, count=n)
+                    for k, (t, n) in self.events.items()]
+
+    def run_gen(gen):
+        FakeProfile.gen = gen
+        return {1: 0.5, 33: 0.5 + 32 * 0.002}[gen]
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    out = bench_speed.decode_profile(run_gen, dict(engine="dms_fp8", c=8))
+    assert out["step_wall_us"] == pytest.approx(2000.0)
+    assert out["step_gpu_busy_us"] == pytest.approx(20.0 + 10.0)  # gemm 640/32, decode 320/32
+    assert out["top"][0] == ["gemm", 20.0, 1.0] and out["top"][1] == ["decode", 10.0, 16.0]
+    assert out["prefill_wall_us"] == pytest.approx(5e5)
+    assert out["prefill_gpu_busy_us"] == 1500.0
+    assert out["prefill_top"] == [["gemm", 1000.0, 10], ["attn_prefill", 500.0, 16]]
