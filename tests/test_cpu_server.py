@@ -68,3 +68,26 @@ def test_streaming_chat_then_abort_returns_the_arena_to_idle(server):
     assert m["vllm:dms_arena_bytes_in_use"] == idle0["vllm:dms_arena_bytes_in_use"]
     assert m["vllm:dms_live_kv_tokens"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
     G.healthy(server)
+
+
+def test_serve_bench_drain_check_sees_prefix_entries_then_the_settled_arena(server):
+    """benchmarks/serve_bench.py's drain check against a live server: finished requests with
+    full blocks leave prefix entries (caching is on by default), which hold arena bytes after
+    the run; /reset_prefix_cache plus a 1-token request (``settle``) brings the arena back to
+    the bytes in use it had before."""
+    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
+    import serve_bench
+    key = "vllm:dms_arena_bytes_in_use"
+    at_start = serve_bench.settle(server)
+    for i in range(3):  # 150 tokens: two full 64-token blocks each
+        r = server.complete(list(range(20 + i, 170 + i)), max_tokens=4)
+        assert r.status_code == 200, r.text
+    r = server.complete([1], max_tokens=1)  # publishes the gauges with the entries in place
+    assert r.status_code == 200, r.text
+    idle = serve_bench.wait_idle(server)
+    assert idle["vllm:kv_cache_usage_perc"] == 0, "entries are not running requests"
+    assert idle[key] > at_start[key], (idle[key], at_start[key])
+    drained = serve_bench.settle(server)
+    assert drained["vllm:kv_cache_usage_perc"] == 0 and drained[key] == at_start[key], (
+        drained[key], at_start[key])
+    G.healthy(server)
