@@ -207,26 +207,32 @@ def run(a) -> list[dict]:
                   f"{r['kv_blocked_steps']:5d} at usage {r['mean_usage_kv_blocked'] or 0:.2f}",
                   flush=True)
     for r in rows:
-        base = next((b for b in rows if b["workload"] == r["workload"]
-                     and b["kv_bytes"] == r["kv_bytes"] and b["engine"] == "vllm-bf16"), None)
-        r["tokens_per_step_x_bf16"] = (r["tokens_per_step"] / base["tokens_per_step"]
-                                       if base else None)
+        for eng, key in (("vllm-bf16", "tokens_per_step_x_bf16"),
+                         ("vllm-fp8", "tokens_per_step_x_fp8")):
+            base = next((b for b in rows if b["workload"] == r["workload"]
+                         and b["kv_bytes"] == r["kv_bytes"] and b["engine"] == eng), None)
+            r[key] = r["tokens_per_step"] / base["tokens_per_step"] if base else None
     return rows
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def table(rows: list[dict]) -> str:
     cols = ("KV GiB", "workload", "engine", "blocks", "steps", "output tok / step", "x BF16",
-            "peak / mean running", "preemptions", "steps waiting", "KV-blocked steps",
+            "x FP8", "peak / mean running", "preemptions", "steps waiting", "KV-blocked steps",
             "KV usage when blocked")
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        x = r["tokens_per_step_x_bf16"]
+        x, x8 = r["tokens_per_step_x_bf16"], r["tokens_per_step_x_fp8"]
         uw = r["mean_usage_kv_blocked"]
         out.append(f"| {r['kv_bytes'] / 2 ** 30:g} | {r['workload']} | {r['engine']} | "
-                   f"{r['num_blocks']} | {r['steps']} | {r['tokens_per_step']:.1f} | {'-' if x is None else f'{x:.2f}'} | "
+                   f"{r['num_blocks']} | {r['steps']} | {r['tokens_per_step']:.1f} | "
+                   f"{_ratio(x)} | {_ratio(x8)} | "
                    f"{r['peak_running']} / {r['mean_running']:.1f} | {r['preemptions']} | "
                    f"{r['steps_with_waiting']} | {r['kv_blocked_steps']} | "
-                   f"{'-' if uw is None else f'{uw:.2f}'} |")
+                   f"{_ratio(uw)} |")
     return "\n".join(out) + "\n"
 
 
