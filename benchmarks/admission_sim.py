@@ -8,7 +8,7 @@ For each workload (``serve_bench.WORKLOADS``) and engine the same KV bytes becom
 vLLM's ``get_kv_cache_configs`` sizes them: vllm-bf16 / vllm-fp8 run vLLM's ``Scheduler`` on a
 FullAttentionSpec of that dtype, dms_fp8 runs ``DMSScheduler`` on DMSCompactSpec with a
 stand-in worker that reports after each step, as the real one does, rows that keep the window
-and 1 in ``--cr`` of the older tokens (``RowsWorker``). Server defaults of an H100/H200:
+and 1 in ``--cr`` of the older tokens (``test_scheduler.RowsWorker``). Server defaults of an H100/H200:
 chunked prefill with 8192 batched tokens, prefix caching on, max_num_seqs as serve_bench sets. The client is ``vllm bench serve --max-concurrency C``: C requests in
 flight, a new one sent when one finishes; lengths uniform in len*(1-r)..len*(1+r), seeded.
 
@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import test_scheduler as ts  # noqa: E402  (sets vLLM's CPU platform)
 import torch  # noqa: E402
-from vllm.utils.math_utils import cdiv  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_kv_cache_configs  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
@@ -67,53 +66,6 @@ def draw_requests(w: dict, n: int, seed: int, len_scale: float) -> list[tuple[in
     return [(one("input", w["input_len"]), one("output", w["output_len"])) for _ in range(n)]
 
 
-def live_rows(window: int, cr: int):
-    """Live tokens per row after n tokens: the window (W+1 with the decision shift) and 1 in cr
-    of the tokens that left it."""
-    def live(rid, n_prev, live_prev, n):
-        return n if n <= window + 1 else window + 1 + cdiv(n - window - 1, cr)
-    return live
-
-
-class RowsWorker:
-    """Stand-in DMS worker, prefix caching included: learns slots from the SchedulerOutput and
-    after each step reports (n_done, pages_max, 0, tag) for every scheduled request and for the
-    snapshots it was ordered to pack (a cache slot holding the first L tokens of a request)."""
-
-    def __init__(self, mgr, live_fn):
-        from vllm_dms.engine.channel import COLS, INVALID
-        self.S1, self.H = mgr.layout.num_slots, mgr.layout.num_kv_heads
-        self.P, self.live = mgr.layout.block_size, live_fn
-        self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
-        self.rows[:, 0] = INVALID
-        self.slot: dict[str, tuple[int, int]] = {}
-
-    def _report(self, slot: int, n: int, tag: int) -> None:
-        self.rows[slot] = torch.tensor([n, self.H * cdiv(self.live(None, 0, 0, n), self.P), 0,
-                                        tag], dtype=torch.int32)
-
-    def step(self, sched, out):
-        from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
-        c = out.scheduled_cached_reqs
-        new = [(r.req_id, r.block_ids) for r in out.scheduled_new_reqs]
-        new += [(rid, c.new_block_ids[i]) for i, rid in enumerate(c.req_ids)
-                if rid in c.resumed_req_ids]
-        for rid, ids in new:
-            self.slot[rid] = (ids[0][0] % self.S1, ids[0][0] // self.S1)
-        for rid in out.finished_req_ids | out.preempted_req_ids:
-            self.slot.pop(rid, None)
-        by_slot = {s: rid for rid, (s, _) in self.slot.items()}
-        for req_slot, length, cache_slot, tag in getattr(out, ORDERS_ATTR).snapshots:
-            if by_slot.get(req_slot) in out.num_scheduled_tokens:  # packed from this chunk
-                self._report(cache_slot, length, tag)
-        for rid in out.num_scheduled_tokens:
-            slot, tag = self.slot[rid]
-            self._report(slot, sched.requests[rid].num_computed_tokens, tag)
-        mro = ts.runner_output(sched, out)
-        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())  # as the worker patch attaches it
-        return mro
-
-
 def build(engine: str, shape: dict, kv_bytes: int, max_num_seqs: int, max_len: int, model: str,
           prefix_caching: bool):
     vc = ts.make_vllm_config(model, max_num_seqs=max_num_seqs,
@@ -142,8 +94,8 @@ def simulate(engine: str, shape: dict, reqs: list[tuple[int, int]], concurrency:
     max_len = max(p + o for p, o in reqs) + 64
     sched, blocks = build(engine, shape, kv_bytes, max_num_seqs, max_len, model, prefix_caching)
     mgr = sched.kv_cache_manager
-    step_fn = (RowsWorker(mgr, live_rows(shape["window"], cr)).step if engine == "dms_fp8"
-               else ts.runner_output)
+    step_fn = (ts.RowsWorker(mgr, ts.dms_live(shape["window"], cr)).step
+               if engine == "dms_fp8" else ts.runner_output)
     sent = finished = steps = out_tokens = preempted = 0
     running, usage_blocked, peak_usage, steps_waiting = [], [], 0.0, 0
 

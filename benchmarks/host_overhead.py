@@ -32,32 +32,6 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 LAYERS, PROMPT = 16, 1024
 
 
-class RowsReporter:
-    """Stand-in DMS worker: the (n_done, pages, live, tag) rows of every slot, each step."""
-
-    def __init__(self, mgr):
-        from vllm_dms.engine.channel import COLS, INVALID
-        self.S1, self.H, self.P = mgr.layout.num_slots, mgr.layout.num_kv_heads, mgr.layout.block_size
-        self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
-        self.rows[:, 0] = INVALID
-        self.slot: dict[str, tuple[int, int]] = {}
-        self.live = ts.dms_live_8x(mgr.layout.window)
-
-    def __call__(self, sched, out):
-        from vllm_dms.engine.channel import FEEDBACK_ATTR
-        for r in out.scheduled_new_reqs:
-            bid = r.block_ids[0][0]
-            self.slot[r.req_id] = (bid % self.S1, bid // self.S1)
-        for rid in out.num_scheduled_tokens:
-            n = sched.requests[rid].num_computed_tokens
-            slot, tag = self.slot[rid]
-            pages = self.H * -(-self.live(rid, 0, 0, n) // self.P)
-            self.rows[slot] = torch.tensor([n, pages, 0, tag], dtype=torch.int32)
-        mro = ts.runner_output(sched, out)
-        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())
-        return mro
-
-
 def build(kind: str, running: int, model: str):
     vc = ts.make_vllm_config(model, max_num_seqs=running, max_num_batched_tokens=PROMPT * 8,
                              max_model_len=PROMPT + 4096)
@@ -71,7 +45,7 @@ def build(kind: str, running: int, model: str):
     spec.register_spec()
     dspec = ts.dms_spec(spec, max_num_seqs=running)
     sched = ts.make_scheduler(scheduler.DMSScheduler, vc, dspec, LAYERS, blocks)
-    return sched, RowsReporter(sched.dms)
+    return sched, ts.RowsWorker(sched.dms, ts.dms_live_8x(sched.dms.layout.window)).step
 
 
 def step_times(kind: str, running: int, steps: int, model: str) -> list[float]:

@@ -146,11 +146,15 @@ def parity_scheduler(cls, trace: dict, model: str):
 
 
 # ---------------------------------------------------------------------------- DMS worker stand-in
-def dms_live_8x(window: int):
-    """Closed-form 8x compression: per row live = min(n, W+1) + ceil((n - W - 1) / 8)."""
+def dms_live(window: int, cr: int):
+    """Closed-form compression: per row live = min(n, W+1) + ceil((n - W - 1) / cr)."""
     def live(rid, n_prev, live_prev, n):
-        return n if n <= window + 1 else window + 1 + cdiv(n - window - 1, 8)
+        return n if n <= window + 1 else window + 1 + cdiv(n - window - 1, cr)
     return live
+
+
+def dms_live_8x(window: int):
+    return dms_live(window, 8)
 
 
 class SimWorker:
@@ -209,6 +213,45 @@ class SimWorker:
                                                          dtype=torch.int32)
         used = sum(H * cdiv(lv, P) for _, lv in self.live.values())
         assert used <= self.layout.num_data_subpages
+        mro = runner_output(sched, out)
+        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())  # as the worker patch attaches it
+        return mro
+
+
+class RowsWorker:
+    """Stand-in DMS worker, prefix caching included: learns slots from the SchedulerOutput and
+    after each step reports (n_done, pages_max, 0, tag) for every scheduled request and for the
+    snapshots it was ordered to pack (a cache slot holding the first L tokens of a request)."""
+
+    def __init__(self, mgr, live_fn):
+        from vllm_dms.engine.channel import COLS, INVALID
+        self.S1, self.H = mgr.layout.num_slots, mgr.layout.num_kv_heads
+        self.P, self.live = mgr.layout.block_size, live_fn
+        self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
+        self.rows[:, 0] = INVALID
+        self.slot: dict[str, tuple[int, int]] = {}
+
+    def _report(self, slot: int, n: int, tag: int) -> None:
+        self.rows[slot] = torch.tensor([n, self.H * cdiv(self.live(None, 0, 0, n), self.P), 0,
+                                        tag], dtype=torch.int32)
+
+    def step(self, sched, out):
+        from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
+        c = out.scheduled_cached_reqs
+        new = [(r.req_id, r.block_ids) for r in out.scheduled_new_reqs]
+        new += [(rid, c.new_block_ids[i]) for i, rid in enumerate(c.req_ids)
+                if rid in c.resumed_req_ids]
+        for rid, ids in new:
+            self.slot[rid] = (ids[0][0] % self.S1, ids[0][0] // self.S1)
+        for rid in out.finished_req_ids | out.preempted_req_ids:
+            self.slot.pop(rid, None)
+        by_slot = {s: rid for rid, (s, _) in self.slot.items()}
+        for req_slot, length, cache_slot, tag in getattr(out, ORDERS_ATTR).snapshots:
+            if by_slot.get(req_slot) in out.num_scheduled_tokens:  # packed from this chunk
+                self._report(cache_slot, length, tag)
+        for rid in out.num_scheduled_tokens:
+            slot, tag = self.slot[rid]
+            self._report(slot, sched.requests[rid].num_computed_tokens, tag)
         mro = runner_output(sched, out)
         setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())  # as the worker patch attaches it
         return mro
