@@ -120,7 +120,7 @@ def _decode_split_kernel(q_ptr, arena, o_len, o_pages, slots, ws_acc, ws_m, ws_l
         m_i = m_new
     hq = h * G + gg
     if DIRECT:  # one split: the program holds the whole row, normalise and write out
-        o = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc is 0
         tl.store(out_ptr + b * sob + hq[:, None] * soh + dd[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
     else:
