@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from test_scheduler import (dms, dms_live_8x, dms_spec, llama_dir,  # noqa: F401
+from test_scheduler import (RowsWorker, dms, dms_live_8x, dms_spec, llama_dir,  # noqa: F401
                             make_scheduler, make_vllm_config, runner_output)
 from vllm.v1.request import Request, RequestStatus
 from vllm.sampling_params import SamplingParams
@@ -23,58 +23,46 @@ from vllm_dms.worker.runtime import WorkerLink
 LAYERS, SEQS, MAX_LEN, W = 16, 4, 512, 16
 
 
-class Worker:
-    """The DMS worker's view: slots from the block ids, releases drained, rows reported."""
+class Worker(RowsWorker):
+    """The DMS worker's view, checked: releases drained, snapshot orders only for a first chunk
+    and never onto a request's slot, forks only from shared entries, the ledger covers the rows."""
+
+    token = 7
 
     def __init__(self, mgr):
-        self.mgr, self.lay = mgr, mgr.layout
-        self.slot, self.tag, self.n = {}, {}, {}
+        super().__init__(mgr, dms_live_8x(W))
         self.released, self.first_computed, self.orders, self.forks = [], {}, [], []
-        self.live = dms_live_8x(W)
         self.pack_snapshots = True  # False: every order's request is missing from the batch
-        self.rows = torch.zeros(self.lay.num_slots, COLS, dtype=torch.int32)  # its report
-        self.rows[:, 0] = INVALID
 
-    def step(self, sched, out):
-        sent = getattr(out, ORDERS_ATTR)
-        self.released += sent.release
-        orders, forks = sent.snapshots, sent.forks
-        for r in out.finished_req_ids | out.preempted_req_ids:
-            self.slot.pop(r, None)
-        S1 = self.lay.num_slots
+    def learn(self, out, orders):
+        super().learn(out, orders)
+        self.released += orders.release
         for r in out.scheduled_new_reqs:
-            bid = r.block_ids[0][0]
-            self.slot[r.req_id], self.tag[r.req_id] = bid % S1, bid // S1
             self.first_computed[r.req_id] = r.num_computed_tokens
-        c = out.scheduled_cached_reqs
-        for i, rid in enumerate(c.req_ids):
-            if rid in c.resumed_req_ids:
-                bid = c.new_block_ids[i][0][0]
-                self.slot[rid], self.tag[rid] = bid % S1, bid // S1
+        slots = {s: rid for rid, (s, _) in self.slot.items()}
         cached = {e.slot: e for e in self.mgr.cache.entries()}
-        for src, dst in forks:  # a snapshot's rows copied into a hitting request's own slot
-            assert cached[src].shared and src not in self.slot.values() and dst != src
-            rid = next(r for r, s in self.slot.items() if s == dst)
+        for src, dst in orders.forks:  # a snapshot's rows copied into a hitting request's slot
+            assert cached[src].shared and src not in slots and dst != src
+            rid = slots[dst]
             assert self.first_computed[rid] == len(cached[src].tokens)
             self.forks.append((rid, len(cached[src].tokens)))
-        H, P = self.lay.num_kv_heads, self.lay.block_size
-        first = {self.slot[r.req_id]: r for r in out.scheduled_new_reqs
-                 if r.num_computed_tokens == 0}
-        for req_slot, L, cache_slot, tag in orders if self.pack_snapshots else ():
-            assert req_slot in first and L < out.num_scheduled_tokens[first[req_slot].req_id]
-            assert cache_slot not in self.slot.values(), "a snapshot never lands on a request"
-            pages = H * -(-self.live(None, 0, 0, L) // P)
-            self.rows[cache_slot] = torch.tensor([L, pages, 0, tag], dtype=torch.int32)
-            self.orders.append((first[req_slot].req_id, L, cache_slot))
-        for rid in out.num_scheduled_tokens:
-            n = sched.requests[rid].num_computed_tokens
-            pages = H * -(-self.live(rid, 0, 0, n) // P)
-            assert pages <= H * self.mgr.held_blocks(rid), "the ledger covers the rows"
-            self.rows[self.slot[rid]] = torch.tensor([n, pages, 0, self.tag[rid]],
-                                                     dtype=torch.int32)
-        mro = runner_output(sched, out, token=7)
-        setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())
-        return mro
+        self.first = {self.slot[r.req_id][0]: r for r in out.scheduled_new_reqs
+                      if r.num_computed_tokens == 0}
+
+    def pack(self, out, order):
+        req_slot, L, cache_slot, _ = order
+        if not self.pack_snapshots:
+            return False
+        first = self.first[req_slot]
+        assert L < out.num_scheduled_tokens[first.req_id]
+        assert cache_slot not in {s for s, _ in self.slot.values()}, "a snapshot never lands on a request"
+        self.orders.append((first.req_id, L, cache_slot))
+        return True
+
+    def report(self, sched, rid, slot, n, tag):
+        if rid is not None:
+            assert self.pages(n) <= self.H * self.mgr.held_blocks(rid), "the ledger covers the rows"
+        super().report(sched, rid, slot, n, tag)
 
 
 def setup(dms_mod, model, blocks=400, stride=None):

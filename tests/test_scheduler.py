@@ -221,38 +221,52 @@ class SimWorker:
 class RowsWorker:
     """Stand-in DMS worker, prefix caching included: learns slots from the SchedulerOutput and
     after each step reports (n_done, pages_max, 0, tag) for every scheduled request and for the
-    snapshots it was ordered to pack (a cache slot holding the first L tokens of a request)."""
+    snapshots it was ordered to pack (a cache slot holding the first L tokens of a request).
+    Subclasses check more through the hooks ``learn``, ``pack`` and ``report``."""
+
+    token = 1  # the sampled token every request gets
 
     def __init__(self, mgr, live_fn):
         from vllm_dms.engine.channel import COLS, INVALID
-        self.S1, self.H = mgr.layout.num_slots, mgr.layout.num_kv_heads
+        self.mgr, self.S1, self.H = mgr, mgr.layout.num_slots, mgr.layout.num_kv_heads
         self.P, self.live = mgr.layout.block_size, live_fn
         self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
         self.rows[:, 0] = INVALID
-        self.slot: dict[str, tuple[int, int]] = {}
+        self.slot: dict[str, tuple[int, int]] = {}  # rid -> (slot, owner tag of its block id)
 
-    def _report(self, slot: int, n: int, tag: int) -> None:
-        self.rows[slot] = torch.tensor([n, self.H * cdiv(self.live(None, 0, 0, n), self.P), 0,
-                                        tag], dtype=torch.int32)
+    def pages(self, n: int) -> int:
+        return self.H * cdiv(self.live(None, 0, 0, n), self.P)
 
-    def step(self, sched, out):
-        from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
+    def learn(self, out, orders) -> None:
         c = out.scheduled_cached_reqs
         new = [(r.req_id, r.block_ids) for r in out.scheduled_new_reqs]
         new += [(rid, c.new_block_ids[i]) for i, rid in enumerate(c.req_ids)
                 if rid in c.resumed_req_ids]
-        for rid, ids in new:
-            self.slot[rid] = (ids[0][0] % self.S1, ids[0][0] // self.S1)
         for rid in out.finished_req_ids | out.preempted_req_ids:
             self.slot.pop(rid, None)
+        for rid, ids in new:
+            self.slot[rid] = (ids[0][0] % self.S1, ids[0][0] // self.S1)
+
+    def pack(self, out, order) -> bool:
+        """Whether this snapshot order is packed: its request ran a chunk this step."""
         by_slot = {s: rid for rid, (s, _) in self.slot.items()}
-        for req_slot, length, cache_slot, tag in getattr(out, ORDERS_ATTR).snapshots:
-            if by_slot.get(req_slot) in out.num_scheduled_tokens:  # packed from this chunk
-                self._report(cache_slot, length, tag)
+        return by_slot.get(order[0]) in out.num_scheduled_tokens
+
+    def report(self, sched, rid: str, slot: int, n: int, tag: int) -> None:
+        self.rows[slot] = torch.tensor([n, self.pages(n), 0, tag], dtype=torch.int32)
+
+    def step(self, sched, out):
+        from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
+        orders = getattr(out, ORDERS_ATTR)
+        self.learn(out, orders)
+        for order in orders.snapshots:
+            if self.pack(out, order):
+                _, length, cache_slot, tag = order
+                self.report(sched, None, cache_slot, length, tag)
         for rid in out.num_scheduled_tokens:
             slot, tag = self.slot[rid]
-            self._report(slot, sched.requests[rid].num_computed_tokens, tag)
-        mro = runner_output(sched, out)
+            self.report(sched, rid, slot, sched.requests[rid].num_computed_tokens, tag)
+        mro = runner_output(sched, out, token=self.token)
         setattr(mro, FEEDBACK_ATTR, self.rows.numpy().copy())  # as the worker patch attaches it
         return mro
 
