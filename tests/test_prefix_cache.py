@@ -17,7 +17,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 
-from vllm_dms.engine.channel import COLS, FEEDBACK_ATTR, INVALID, ORDERS_ATTR
+from vllm_dms.engine.channel import FEEDBACK_ATTR, ORDERS_ATTR
 from vllm_dms.worker.runtime import WorkerLink
 
 LAYERS, SEQS, MAX_LEN, W = 16, 4, 512, 16
@@ -33,17 +33,17 @@ class Worker(RowsWorker):
         super().__init__(mgr, dms_live_8x(W))
         self.released, self.first_computed, self.orders, self.forks = [], {}, [], []
         self.pack_snapshots = True  # False: every order's request is missing from the batch
+        self.first = {}  # slot -> the new request of this step that starts from token 0
 
     def learn(self, out, orders):
         super().learn(out, orders)
         self.released += orders.release
         for r in out.scheduled_new_reqs:
             self.first_computed[r.req_id] = r.num_computed_tokens
-        slots = {s: rid for rid, (s, _) in self.slot.items()}
         cached = {e.slot: e for e in self.mgr.cache.entries()}
         for src, dst in orders.forks:  # a snapshot's rows copied into a hitting request's slot
-            assert cached[src].shared and src not in slots and dst != src
-            rid = slots[dst]
+            assert cached[src].shared and src not in self.by_slot and dst != src
+            rid = self.by_slot[dst]
             assert self.first_computed[rid] == len(cached[src].tokens)
             self.forks.append((rid, len(cached[src].tokens)))
         self.first = {self.slot[r.req_id][0]: r for r in out.scheduled_new_reqs
@@ -53,15 +53,17 @@ class Worker(RowsWorker):
         req_slot, L, cache_slot, _ = order
         if not self.pack_snapshots:
             return False
+        assert req_slot in self.first, "a snapshot is ordered only from a first chunk"
         first = self.first[req_slot]
         assert L < out.num_scheduled_tokens[first.req_id]
-        assert cache_slot not in {s for s, _ in self.slot.values()}, "a snapshot never lands on a request"
+        assert cache_slot not in self.by_slot, "a snapshot never lands on a request"
         self.orders.append((first.req_id, L, cache_slot))
         return True
 
     def report(self, sched, rid, slot, n, tag):
         if rid is not None:
-            assert self.pages(n) <= self.H * self.mgr.held_blocks(rid), "the ledger covers the rows"
+            assert self.pages(n) <= self.H * self.mgr.held_blocks(rid), \
+                "the ledger covers the rows"
         super().report(sched, rid, slot, n, tag)
 
 

@@ -233,6 +233,7 @@ class RowsWorker:
         self.rows = torch.zeros(self.S1, COLS, dtype=torch.int32)
         self.rows[:, 0] = INVALID
         self.slot: dict[str, tuple[int, int]] = {}  # rid -> (slot, owner tag of its block id)
+        self.by_slot: dict[int, str] = {}  # slot -> rid, as of this step
 
     def pages(self, n: int) -> int:
         return self.H * cdiv(self.live(None, 0, 0, n), self.P)
@@ -246,11 +247,11 @@ class RowsWorker:
             self.slot.pop(rid, None)
         for rid, ids in new:
             self.slot[rid] = (ids[0][0] % self.S1, ids[0][0] // self.S1)
+        self.by_slot = {s: rid for rid, (s, _) in self.slot.items()}
 
     def pack(self, out, order) -> bool:
         """Whether this snapshot order is packed: its request ran a chunk this step."""
-        by_slot = {s: rid for rid, (s, _) in self.slot.items()}
-        return by_slot.get(order[0]) in out.num_scheduled_tokens
+        return self.by_slot.get(order[0]) in out.num_scheduled_tokens
 
     def report(self, sched, rid: str, slot: int, n: int, tag: int) -> None:
         self.rows[slot] = torch.tensor([n, self.pages(n), 0, tag], dtype=torch.int32)
